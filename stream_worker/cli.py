@@ -1,0 +1,105 @@
+"""``stream-worker``: the command line. Sub-commands wire the pieces together; no logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, load_config
+from .logs import setup_logging
+
+log = logging.getLogger("stream_worker")
+
+
+def _apply_engine_options(config, args: argparse.Namespace):
+    """Command-line engine options override the config file."""
+    if getattr(args, "weights", None):
+        config.engine.weights = args.weights
+    if getattr(args, "allow_random_weights", False):
+        config.engine.allow_random_weights = True
+    if getattr(args, "draws", None) is not None:
+        config.engine.num_draws = args.draws
+    if getattr(args, "device", None):
+        config.engine.device = args.device
+    return config
+
+
+def cmd_infer(args: argparse.Namespace, config) -> int:
+    """Runs the engine on apStar files; a file that cannot be read is reported and skipped."""
+    import numpy as np
+
+    from .apstar import read_apstar
+    from .inference import Estimator
+    from .result_files import write_records
+    from .spectrum import InputError, validate_spectrum
+
+    config = _apply_engine_options(config, args)
+    estimator = Estimator.from_config(config.engine)
+    spectra, failures = [], 0
+    for path in args.files:
+        try:
+            spectra += [validate_spectrum(s) for s in read_apstar(path, visits=args.visits)]
+        except InputError as exc:
+            failures += 1
+            log.error("skipping %s: [%s] %s", path, exc.reason, exc)
+    records, started = [], time.perf_counter()
+    step = estimator.chunk_spectra
+    for start in range(0, len(spectra), step):
+        chunk = spectra[start : start + step]
+        results = estimator.estimate(
+            np.stack([s.flux for s in chunk]), np.stack([s.ivar for s in chunk]), [s.spectrum_id for s in chunk]
+        )
+        records += [{**s.metadata(), **r} for s, r in zip(chunk, results)]
+        _progress(len(records), len(spectra), time.perf_counter() - started)
+    write_records(records, args.output)
+    log.info("wrote %d records (%d files skipped)", len(records), failures)
+    return 1 if failures else 0
+
+
+def _progress(done: int, total: int, seconds: float) -> None:
+    if sys.stderr.isatty() and total > 1:
+        width = 30
+        filled = int(width * done / total)
+        rate = done / seconds if seconds > 0 else 0.0
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} spectra, {rate:.2f}/s")
+        sys.stderr.write("\n" if done == total else "")
+        sys.stderr.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stream-worker", description=__doc__)
+    parser.add_argument("--config", type=Path, default=None, help="config.yaml (defaults + environment if omitted)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    infer = sub.add_parser("infer", help="estimate parameters for apStar files")
+    infer.add_argument("files", nargs="+", type=Path)
+    infer.add_argument("--visits", action="store_true", help="also each visit spectrum, not only the coadd")
+    infer.add_argument("-o", "--output", default=None, help="out.fits | out.csv | out.jsonl (default: JSON lines on stdout)")
+    _engine_options(infer)
+    infer.set_defaults(func=cmd_infer)
+    return parser
+
+
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", help="state-dict file or deconstructed_model/ directory")
+    parser.add_argument("--allow-random-weights", action="store_true", help="run an untrained network (tests, benchmarks)")
+    parser.add_argument("--draws", type=int, default=None, help="Monte Carlo draws per spectrum (0: none)")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"stream-worker: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.logging)
+    try:
+        return args.func(args, config)
+    except (ConfigError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2

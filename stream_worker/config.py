@@ -1,0 +1,255 @@
+"""One typed configuration, read from ``config.yaml`` with environment overrides, checked once.
+
+Environment variables ``STREAM_WORKER__<SECTION>__<KEY>`` override the file (values are parsed
+as YAML, so ``[a, b]``, ``3`` and ``true`` work): containers change settings without a new file.
+Every problem is reported with the dotted key that caused it. Secrets never live in the file:
+the SASL password comes from ``STREAM_WORKER_SASL_PASSWORD`` or ``kafka.sasl_password_file``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ENV_PREFIX = "STREAM_WORKER__"
+SASL_PASSWORD_ENV = "STREAM_WORKER_SASL_PASSWORD"
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown, of the wrong type or out of range; the message names it."""
+
+
+@dataclass
+class KafkaConfig:
+    bootstrap_servers: list[str] = field(default_factory=lambda: ["127.0.0.1:9092"])
+    input_topics: list[str] = field(default_factory=lambda: ["apogee.spectra"])
+    output_topic: str = "apogee.results"
+    dead_letter_topic: str = "apogee.deadletter"
+    group_id: str = "stream-worker"
+    client_id: str = "stream-worker"
+    delivery: str = "at_least_once"
+    transactional_id: str | None = None
+    auto_offset_reset: str = "earliest"
+    session_timeout_ms: int = 45_000
+    max_poll_interval_ms: int = 300_000
+    request_timeout_ms: int = 30_000
+    compression_type: str | None = "gzip"
+    max_request_size: int = 4_194_304
+    fetch_max_bytes: int = 52_428_800
+    max_partition_fetch_bytes: int = 4_194_304
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password_file: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+
+
+@dataclass
+class BatchingConfig:
+    max_spectra: int = 64
+    max_wait_seconds: float = 0.5
+
+
+@dataclass
+class EngineConfig:
+    weights: str | None = None
+    weights_sha256: str | None = None
+    allow_random_weights: bool = False
+    device: str = "auto"
+    num_draws: int = 20
+    seed: int = 0
+    batch_size: int | None = None
+    chunk_spectra: int = 64
+    num_threads: int | None = None
+
+
+@dataclass
+class InputsConfig:
+    data_roots: list[str] = field(default_factory=list)
+    max_message_bytes: int = 4_194_304
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = 9108
+
+
+@dataclass
+class LoggingConfig:
+    level: str = "INFO"
+    format: str = "json"
+
+
+@dataclass
+class WorkerConfig:
+    shutdown_grace_seconds: float = 30.0
+    poll_timeout_ms: int = 200
+
+
+@dataclass
+class Config:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    inputs: InputsConfig = field(default_factory=InputsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+
+    def sasl_password(self) -> str | None:
+        """The SASL password from the environment or the configured file, never from YAML."""
+        if SASL_PASSWORD_ENV in os.environ:
+            return os.environ[SASL_PASSWORD_ENV]
+        if self.kafka.sasl_password_file:
+            try:
+                return Path(self.kafka.sasl_password_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"kafka.sasl_password_file: cannot read it: {exc}") from exc
+        return None
+
+
+CHOICES = {
+    "kafka.delivery": ("at_least_once", "exactly_once"),
+    "kafka.auto_offset_reset": ("earliest", "latest"),
+    "kafka.compression_type": (None, "gzip", "lz4", "zstd", "snappy"),
+    "kafka.security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    "kafka.sasl_mechanism": (None, "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+    "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+    "logging.format": ("json", "text"),
+}
+POSITIVE = {
+    "kafka.session_timeout_ms", "kafka.max_poll_interval_ms", "kafka.request_timeout_ms",
+    "kafka.max_request_size", "kafka.fetch_max_bytes", "kafka.max_partition_fetch_bytes",
+    "batching.max_spectra", "batching.max_wait_seconds", "engine.batch_size", "engine.chunk_spectra",
+    "engine.num_threads", "inputs.max_message_bytes", "worker.shutdown_grace_seconds", "worker.poll_timeout_ms",
+}
+SECRET_KEYS = {"sasl_password", "password", "ssl_password"}
+
+
+def _coerce(value, hint, key: str):
+    """``value`` as type ``hint`` (the dataclass annotation), or a ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, found {value!r}")
+        (inner,) = typing.get_args(hint)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, found {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, found {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, found {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, found {value!r}")
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, found {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        dotted = f"{prefix}{key}"
+        if key in SECRET_KEYS:
+            raise ConfigError(
+                f"{dotted}: secrets do not belong in the config file; set {SASL_PASSWORD_ENV} "
+                "or kafka.sasl_password_file"
+            )
+        if key not in names:
+            raise ConfigError(f"{dotted}: unknown setting (known: {', '.join(sorted(names))})")
+    values = {}
+    for name in names & set(data):
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, data[name] or {}, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(data[name], hint, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _env_overrides(environ: typing.Mapping[str, str]) -> dict:
+    overrides: dict = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
+        if len(path) != 2 or not all(path):
+            raise ConfigError(f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path[0]}.{path[1]} (from {name}): not valid YAML: {exc}") from exc
+        overrides.setdefault(path[0], {})[path[1]] = value
+    return overrides
+
+
+def _check(config: Config) -> Config:
+    for section in dataclasses.fields(config):
+        for item in dataclasses.fields(getattr(config, section.name)):
+            key = f"{section.name}.{item.name}"
+            value = getattr(getattr(config, section.name), item.name)
+            if key in CHOICES and value not in CHOICES[key]:
+                raise ConfigError(f"{key}: must be one of {CHOICES[key]}, found {value!r}")
+            if key in POSITIVE and value is not None and value <= 0:
+                raise ConfigError(f"{key}: must be positive, found {value!r}")
+    if not config.kafka.input_topics:
+        raise ConfigError("kafka.input_topics: at least one input topic is needed")
+    if config.engine.num_draws < 0 or config.engine.num_draws == 1:
+        raise ConfigError(f"engine.num_draws: must be 0 (no uncertainties) or at least 2, found {config.engine.num_draws}")
+    if not 0 < config.metrics.port < 65536:
+        raise ConfigError(f"metrics.port: must be a TCP port, found {config.metrics.port}")
+    if config.kafka.max_poll_interval_ms <= config.kafka.session_timeout_ms:
+        raise ConfigError("kafka.max_poll_interval_ms: must exceed kafka.session_timeout_ms")
+    if config.kafka.sasl_mechanism and not config.kafka.security_protocol.startswith("SASL"):
+        raise ConfigError("kafka.sasl_mechanism: set kafka.security_protocol to SASL_PLAINTEXT or SASL_SSL too")
+    if config.kafka.security_protocol.startswith("SASL") and not config.kafka.sasl_mechanism:
+        raise ConfigError("kafka.sasl_mechanism: required with a SASL security protocol")
+    return config
+
+
+def load_config(path: str | os.PathLike | None = None, environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Reads ``path`` (defaults only when None), applies environment overrides, validates."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections, found {type(data).__name__}")
+    for section, values in _env_overrides(os.environ if environ is None else environ).items():
+        if not isinstance(data.get(section) or {}, dict):
+            raise ConfigError(f"{section}: expected a mapping, found {data[section]!r}")
+        data[section] = {**(data.get(section) or {}), **values}
+    return _check(_build(Config, data, ""))

@@ -1,0 +1,151 @@
+"""The engine: many spectra and all their Monte Carlo draws through the network in few passes.
+
+Per spectrum: clean input + ``num_draws`` noisy inputs (noise from that spectrum's own
+generator) form one contiguous block of rows; blocks of many spectra are stacked and pushed
+through the network in batches of ``batch_size`` rows. Spectra are taken ``chunk_spectra`` at a
+time so memory stays bounded for any number of inputs. A spectrum that fails (bad values, a
+network error, non-finite outputs) gets a runtime-exception record; the others are unaffected.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .config import EngineConfig
+from .model import ApogeeNet, WeightsError, load_model, random_model, resolve_device
+from .preprocess import network_inputs, noise_draws
+from .records import result_record
+from .uncertainty import Estimate, summarise, unnormalise
+
+log = logging.getLogger(__name__)
+
+
+class Estimator:
+    """Runs APOGEENet on ``(N, L)`` flux and ivar arrays and returns one record per spectrum."""
+
+    def __init__(
+        self,
+        model: ApogeeNet,
+        num_draws: int = 20,
+        seed: int | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int | None = None,
+        chunk_spectra: int = 64,
+    ) -> None:
+        if num_draws < 0 or num_draws == 1:
+            raise ValueError(f"num_draws must be 0 (no uncertainties) or at least 2, got {num_draws}")
+        self.device = resolve_device(device) if device is not None else next(model.parameters()).device
+        self.model = model.eval().to(self.device)
+        self.num_draws = int(num_draws)
+        self.seed = 0 if seed is None else int(seed)
+        self.batch_size = int(batch_size or (1024 if self.device.type == "cuda" else 16))
+        self.chunk_spectra = int(chunk_spectra)
+        self.weights_info = model.weights_info
+
+    @classmethod
+    def from_config(cls, engine: EngineConfig) -> Estimator:
+        """The engine the config describes. Untrained weights run only when explicitly allowed,
+        so a missing weights path can never produce plausible-looking random numbers."""
+        if engine.num_threads:
+            torch.set_num_threads(engine.num_threads)
+        if engine.weights:
+            model = load_model(engine.weights, device=engine.device, sha256=engine.weights_sha256)
+        elif engine.allow_random_weights:
+            log.warning("running an UNTRAINED network with random weights: results are meaningless")
+            model = random_model(device=engine.device)
+        else:
+            raise WeightsError(
+                "no model weights configured: set engine.weights (or --weights); "
+                "engine.allow_random_weights / --allow-random-weights runs an untrained network for tests"
+            )
+        return cls(
+            model,
+            num_draws=engine.num_draws,
+            seed=engine.seed,
+            batch_size=engine.batch_size,
+            chunk_spectra=engine.chunk_spectra,
+        )
+
+    def estimate(self, flux: np.ndarray, ivar: np.ndarray, ids: Sequence[str] | None = None) -> list[dict]:
+        """Records for ``N`` spectra. ``ids`` seed each spectrum's noise; without them the row
+        index is the identifier, so pass real identifiers wherever results must be reproducible."""
+        flux = np.asarray(flux)
+        ivar = np.asarray(ivar)
+        if flux.ndim != 2 or flux.shape != ivar.shape:
+            raise ValueError(f"flux and ivar must both be (N, L) arrays, got {flux.shape} and {ivar.shape}")
+        ids = [str(i) for i in range(len(flux))] if ids is None else [str(i) for i in ids]
+        if len(ids) != len(flux):
+            raise ValueError(f"{len(ids)} ids for {len(flux)} spectra")
+        records: list[dict] = []
+        for start in range(0, len(flux), self.chunk_spectra):
+            stop = start + self.chunk_spectra
+            records += self._estimate_chunk(flux[start:stop], ivar[start:stop], ids[start:stop])
+        return records
+
+    def _estimate_chunk(self, flux: np.ndarray, ivar: np.ndarray, ids: list[str]) -> list[dict]:
+        started = time.perf_counter()
+        outcomes: dict[int, Estimate | BaseException] = {}
+        blocks: dict[int, torch.Tensor] = {}
+        for i, spectrum_id in enumerate(ids):
+            try:
+                blocks[i] = self._input_block(flux[i], ivar[i], spectrum_id)
+            except Exception as exc:
+                outcomes[i] = exc
+        outcomes.update(self._run_blocks(blocks))
+        seconds = (time.perf_counter() - started) / max(len(ids), 1)
+        records = []
+        for i, spectrum_id in enumerate(ids):
+            outcome = outcomes[i]
+            if isinstance(outcome, BaseException):
+                log.warning("spectrum %s failed: %s: %s", spectrum_id, type(outcome).__name__, outcome)
+                records.append(result_record(spectrum_id, None, self.weights_info, seconds, error=outcome))
+            else:
+                records.append(result_record(spectrum_id, outcome, self.weights_info, seconds))
+        return records
+
+    def _input_block(self, flux: np.ndarray, ivar: np.ndarray, spectrum_id: str) -> torch.Tensor:
+        """Rows ``(1 + num_draws, 1, L)``: the clean input first, then the noisy ones."""
+        noise = noise_draws(spectrum_id, self.seed, self.num_draws, flux.shape[-1]) if self.num_draws else None
+        clean, noisy = network_inputs(flux, ivar, noise)
+        return clean if noisy is None else torch.cat([clean, noisy])
+
+    def _run_blocks(self, blocks: dict[int, torch.Tensor]) -> dict[int, Estimate | BaseException]:
+        """All blocks in one stack; if that raises, each block alone, so one bad spectrum
+        cannot take down the others."""
+        if not blocks:
+            return {}
+        try:
+            outputs = self._forward(torch.cat(list(blocks.values())))
+            per_block = dict(zip(blocks, outputs.split(1 + self.num_draws)))
+        except Exception as exc:
+            log.warning("batched forward pass failed (%s); retrying spectrum by spectrum", exc)
+            per_block = {}
+            for i, block in blocks.items():
+                try:
+                    per_block[i] = self._forward(block)
+                except Exception as single_exc:
+                    per_block[i] = single_exc
+        outcomes: dict[int, Estimate | BaseException] = {}
+        for i, rows in per_block.items():
+            if isinstance(rows, BaseException):
+                outcomes[i] = rows
+                continue
+            try:
+                outcomes[i] = summarise(rows[0], rows[1:] if self.num_draws else None)
+            except Exception as exc:
+                outcomes[i] = exc
+        return outcomes
+
+    @torch.inference_mode()
+    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Unnormalised outputs ``(rows, 3)`` on the CPU, computed ``batch_size`` rows at a time."""
+        outputs = [
+            self.model(batch.to(self.device, non_blocking=True)).float().cpu()
+            for batch in inputs.split(self.batch_size)
+        ]
+        return unnormalise(torch.cat(outputs))

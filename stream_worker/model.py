@@ -1,0 +1,287 @@
+"""The APOGEENet III network and its weights.
+
+The module tree mirrors the official state dict key for key (see
+``shared/reference/apogeenet_state_dict.txt``), so the SDSS weights load unchanged and strictly:
+the original pipeline loads with ``strict=False``, which silently leaves mismatched layers random.
+Every size is a constructor argument so that smaller variants share this code path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
+
+N_PIXELS = 8575
+"""Length of an apStar spectrum on the common log-lambda grid."""
+
+LABEL_ORDER = ("logg", "log_teff", "fe_h")
+"""Order of the network's three outputs."""
+
+
+class PositionalChannel(nn.Module):
+    """Appends ``sin(i * inv_freq)`` for pixel index ``i`` as a second input channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        position = torch.arange(x.shape[-1], device=x.device, dtype=self.inv_freq.dtype)
+        channel = torch.sin(position * self.inv_freq).to(x.dtype)
+        return torch.cat([x, channel.expand(x.shape[0], 1, -1)], dim=1)
+
+
+class ConvBlock(nn.Module):
+    """Conv1d → BatchNorm → ELU → MaxPool(2): the stem that halves the spectrum's length."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int) -> None:
+        super().__init__()
+        self.conv_layer = nn.Conv1d(in_channels, out_channels, kernel_size, padding=padding)
+        self.bn = nn.BatchNorm1d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool1d(F.elu(self.bn(self.conv_layer(x))), 2)
+
+
+class ResBlock(nn.Module):
+    """Two bias-free convolutions whose paddings (p, p-1) keep the length; the shortcut
+    zero-pads the channel axis (``d//2`` before, the rest after) instead of a projection."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(in_channels, out_channels, kernel_size, padding=padding, bias=False)
+        self.bn1 = nn.BatchNorm1d(out_channels)
+        self.conv2 = nn.Conv1d(out_channels, out_channels, kernel_size, padding=padding - 1, bias=False)
+        self.bn2 = nn.BatchNorm1d(out_channels)
+        extra = out_channels - in_channels
+        self.shortcut_padding = (0, 0, extra // 2, extra - extra // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(F.elu(self.bn1(self.conv1(x)))))
+        return F.elu(out + F.pad(x, self.shortcut_padding))
+
+
+class LinearBlock(nn.Module):
+    """Linear → ReLU, named as in the official weights."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.linear_layer = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.linear_layer(x))
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Every size of the network; the defaults are APOGEENet III (72,606,495 parameters)."""
+
+    channels: tuple[int, ...] = (4, 8, 16, 32, 64)
+    kernel_size: int = 30
+    pooled_length: int = 1024
+    linear_width: int = 1024
+    linear_layers: int = 6
+    n_outputs: int = 3
+
+
+class ApogeeNet(nn.Module):
+    """APOGEENet III: positional channel, conv stem, residual blocks, adaptive pooling, MLP head.
+
+    Input ``(B, 1, L)`` log-scaled flux; output ``(B, 3)`` normalised ``[logg, log_teff, fe_h]``.
+    """
+
+    def __init__(
+        self,
+        channels: tuple[int, ...] = ModelSizes.channels,
+        kernel_size: int = ModelSizes.kernel_size,
+        pooled_length: int = ModelSizes.pooled_length,
+        linear_width: int = ModelSizes.linear_width,
+        linear_layers: int = ModelSizes.linear_layers,
+        n_outputs: int = ModelSizes.n_outputs,
+    ) -> None:
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        if len(channels) < 2:
+            raise ValueError(f"channels needs the stem width and at least one block, got {channels}")
+        self.sizes = ModelSizes(channels, kernel_size, pooled_length, linear_width, linear_layers, n_outputs)
+        padding = kernel_size // 2
+        self.pos_enc = PositionalChannel()
+        self.first_conv = ConvBlock(2, channels[0], kernel_size, padding)
+        self.res_blocks = nn.ModuleList(
+            ResBlock(c_in, c_out, kernel_size, padding) for c_in, c_out in zip(channels, channels[1:])
+        )
+        self.adapt_pool = nn.AdaptiveAvgPool1d(pooled_length)
+        widths = [channels[-1] * pooled_length] + [linear_width] * linear_layers
+        self.linear_sequential = nn.Sequential(
+            *(LinearBlock(w_in, w_out) for w_in, w_out in zip(widths, widths[1:])),
+            nn.Linear(widths[-1], n_outputs),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.first_conv(self.pos_enc(x))
+        for block in self.res_blocks:
+            out = block(out)
+        return self.linear_sequential(torch.flatten(self.adapt_pool(out), 1))
+
+
+# --------------------------------------------------------------------------- weights
+
+
+class WeightsError(ValueError):
+    """The weights cannot be used with this network (missing, corrupt, or mismatched)."""
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where a model's weights came from, so every record can name them."""
+
+    name: str
+    source: str
+    sha256: str
+    sizes: dict = field(default_factory=dict)
+    trained: bool = True
+
+
+_CHUNK = re.compile(r"^model_chunk_(\d+)$")
+
+
+def expand_path(path: str | os.PathLike) -> Path:
+    """Expands ``~`` and environment variables (``$MWM_ASTRA/...``); an unset variable is an error."""
+    expanded = os.path.expanduser(os.path.expandvars(os.fspath(path)))
+    if "$" in expanded:
+        raise WeightsError(f"weights path {path!r} names an unset environment variable ({expanded!r})")
+    return Path(expanded)
+
+
+def read_weights_bytes(path: Path) -> bytes:
+    """Reads a single ``torch.save`` file, or the official ``deconstructed_model/`` directory
+    whose ``model_chunk_0..N`` concatenate (in numeric order) into one."""
+    if path.is_dir():
+        chunks = sorted(
+            (int(m.group(1)), p) for p in path.iterdir() if (m := _CHUNK.match(p.name))
+        )
+        if not chunks:
+            raise WeightsError(f"{path} is a directory without model_chunk_N files")
+        numbers = [n for n, _ in chunks]
+        if numbers != list(range(len(numbers))):
+            raise WeightsError(f"{path}: model chunks are not numbered 0..N without gaps: found {numbers}")
+        return b"".join(p.read_bytes() for _, p in chunks)
+    if not path.exists():
+        raise WeightsError(f"weights not found: {path}")
+    return path.read_bytes()
+
+
+def check_state_dict(model: nn.Module, state_dict: dict) -> None:
+    """Strict key and shape check that names every difference (load_state_dict's message
+    stops at the first shape mismatch and says nothing useful about chunk mix-ups)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = [
+        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state_dict[k].shape)}"
+        for k in expected
+        if k in state_dict and tuple(expected[k].shape) != tuple(state_dict[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if wrong_shape:
+        problems.append(f"wrong shapes: {'; '.join(wrong_shape)}")
+    if problems:
+        raise WeightsError("weights do not match the network: " + " | ".join(problems))
+
+
+def infer_sizes(state_dict: dict) -> ModelSizes:
+    """Reads the network's sizes off a state dict, so a trained variant loads without
+    being told its sizes."""
+    try:
+        channels = [state_dict["first_conv.conv_layer.weight"].shape[0]]
+        kernel_size = state_dict["first_conv.conv_layer.weight"].shape[2]
+        block = 0
+        while f"res_blocks.{block}.conv1.weight" in state_dict:
+            channels.append(state_dict[f"res_blocks.{block}.conv1.weight"].shape[0])
+            block += 1
+        linear = sorted(
+            int(m.group(1))
+            for k in state_dict
+            if (m := re.match(r"^linear_sequential\.(\d+)\.linear_layer\.weight$", k))
+        )
+        first = state_dict["linear_sequential.0.linear_layer.weight"]
+        head = state_dict[f"linear_sequential.{len(linear)}.weight"]
+    except KeyError as exc:
+        raise WeightsError(f"weights lack the key {exc.args[0]!r} needed to size the network") from None
+    return ModelSizes(
+        channels=tuple(int(c) for c in channels),
+        kernel_size=int(kernel_size),
+        pooled_length=int(first.shape[1] // channels[-1]),
+        linear_width=int(first.shape[0]),
+        linear_layers=len(linear),
+        n_outputs=int(head.shape[0]),
+    )
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` or ``"auto"`` picks CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(
+    path: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    sha256: str | None = None,
+    sizes: ModelSizes | None = None,
+) -> ApogeeNet:
+    """Loads weights into an :class:`ApogeeNet` in eval mode on ``device``.
+
+    ``path`` is a ``torch.save`` state-dict file or a ``deconstructed_model/`` directory.
+    Sizes are read from the weights unless given (then they must match exactly). The loaded
+    model carries a :class:`WeightsInfo` as ``model.weights_info``.
+    """
+    if path is None:
+        raise WeightsError("no weights given: set model.weights in the config or pass --weights")
+    resolved = expand_path(path)
+    raw = read_weights_bytes(resolved)
+    digest = hashlib.sha256(raw).hexdigest()
+    if sha256 and digest != sha256.lower():
+        raise WeightsError(f"weights checksum mismatch for {resolved}: expected sha256 {sha256}, found {digest}")
+    try:
+        state_dict = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or truncated files
+        raise WeightsError(f"cannot read weights from {resolved}: {exc}") from exc
+    if not isinstance(state_dict, dict):
+        raise WeightsError(f"{resolved} holds a {type(state_dict).__name__}, not a state dict")
+    model = ApogeeNet(**asdict(sizes or infer_sizes(state_dict)))
+    check_state_dict(model, state_dict)
+    model.load_state_dict(state_dict, strict=True)
+    model.weights_info = WeightsInfo(
+        name=resolved.name, source=str(resolved), sha256=digest, sizes=asdict(model.sizes)
+    )
+    log.info("loaded weights %s (sha256 %s)", resolved, digest[:12])
+    return model.eval().to(resolve_device(device))
+
+
+def random_model(device: str | torch.device | None = None, seed: int = 0, **sizes) -> ApogeeNet:
+    """An untrained network with deterministic random weights, for benchmarks and tests only."""
+    torch.manual_seed(seed)
+    model = ApogeeNet(**sizes)
+    digest = hashlib.sha256(f"random:{seed}:{sorted(asdict(model.sizes).items())}".encode()).hexdigest()
+    model.weights_info = WeightsInfo(
+        name="random-untrained", source=f"random(seed={seed})", sha256=digest,
+        sizes=asdict(model.sizes), trained=False,
+    )
+    return model.eval().to(resolve_device(device))

@@ -1,0 +1,83 @@
+"""Turns (flux, ivar) into the network's input, exactly as the APOGEENet III pipeline does.
+
+Pure functions. Arithmetic stays in float32 like the pipeline's, so the same spectrum gives the
+same input bits here and there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+FLUX_FLOOR = 1e-6
+"""Flux is clipped at this before the log, so zeros and chip gaps stay finite."""
+
+CLIP_QUANTILE = 0.95
+"""Log flux is clipped at this quantile plus one, per spectrum (and over all its draws)."""
+
+ERROR_CLIP_FACTOR = 5.0
+"""Errors are clipped at this many times the median finite error; unknown errors get that value."""
+
+
+def clean_flux(flux: np.ndarray) -> np.ndarray:
+    """``nan_to_num(flux, nan=0)`` in float32: chip gaps become zero flux."""
+    return np.nan_to_num(np.asarray(flux, dtype=np.float32), nan=0.0)
+
+
+def error_from_ivar(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
+    """Per-pixel 1-sigma error from inverse variance, for one spectrum.
+
+    Pixels without information (ivar 0, negative, NaN or infinite) get 5x the median error of
+    the informative pixels; every error is clipped at that value. A spectrum with no informative
+    pixel gets ``0.1 * median(flux)`` everywhere. (The reference document puts ivar=inf in the
+    no-information group; the SDSS code would give it a tiny error instead.)
+    """
+    ivar = np.asarray(ivar, dtype=np.float32)
+    ivar = np.where(np.isfinite(ivar), ivar, np.float32(0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        error = np.divide(np.float32(1), ivar) ** np.float32(0.5)
+    if np.isinf(error).all():
+        error = np.full_like(error, 0.1 * float(np.median(clean_flux(flux))))
+    finite = error[~np.isinf(error)]
+    limit = np.float32(ERROR_CLIP_FACTOR) * np.nanmedian(finite) if finite.size else np.float32(np.nan)
+    error = np.clip(error, None, limit)
+    return np.where(np.isnan(error), limit, error).astype(np.float32)
+
+
+def log_scale(flux: torch.Tensor, dims: int = 1) -> torch.Tensor:
+    """Clipped log flux. The 95% quantile is taken over the last ``dims`` axes together:
+    ``dims=1`` per spectrum (clean pass), ``dims=2`` over all draws of one spectrum (noisy pass),
+    never across spectra."""
+    logged = torch.log(torch.clamp(flux, min=FLUX_FLOOR))
+    flat = logged.reshape(*logged.shape[: logged.dim() - dims], -1)
+    ceiling = torch.quantile(flat, CLIP_QUANTILE, dim=-1, keepdim=True) + 1
+    return torch.minimum(flat, ceiling).reshape(logged.shape)
+
+
+def spectrum_seed(seed: int, spectrum_id: str) -> int:
+    """A 63-bit seed from the configured seed and the spectrum's identifier, so a spectrum's
+    noise draws (and so its uncertainties) are the same in any batch, worker or re-delivery."""
+    digest = hashlib.sha256(f"{int(seed)}\x00{spectrum_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def noise_draws(spectrum_id: str, seed: int, num_draws: int, n_pixels: int) -> torch.Tensor:
+    """Standard normal draws ``(num_draws, n_pixels)`` from a generator owned by this spectrum."""
+    generator = torch.Generator().manual_seed(spectrum_seed(seed, spectrum_id))
+    return torch.randn((num_draws, n_pixels), generator=generator, dtype=torch.float32)
+
+
+def network_inputs(
+    flux: np.ndarray, ivar: np.ndarray, noise: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One spectrum's clean input ``(1, 1, L)`` and, given noise ``(D, L)``, its noisy inputs
+    ``(D, 1, L)``: ``flux + error * noise`` in linear flux, then log scaled together."""
+    flux32 = torch.from_numpy(clean_flux(flux))
+    clean = log_scale(flux32).reshape(1, 1, -1)
+    if noise is None or noise.shape[0] == 0:
+        return clean, None
+    error = torch.from_numpy(error_from_ivar(flux, ivar))
+    noisy = log_scale(flux32 + error * noise, dims=2)
+    return clean, noisy.unsqueeze(1)

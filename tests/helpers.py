@@ -1,0 +1,32 @@
+"""Shared builders for tests: small networks and realistic-looking spectra."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from stream_worker.model import N_PIXELS, random_model
+
+DATA = Path(__file__).parent / "data"
+GIANT_FILE = DATA / "apStar-dr17-2M17335483-2753043.fits"
+DWARF_FILE = DATA / "apStar-dr17-2M19485057+5005279.fits"
+
+SMALL_SIZES = dict(channels=(4, 8), kernel_size=30, pooled_length=16, linear_width=32, linear_layers=2)
+
+
+def small_model(seed: int = 0):
+    """A tiny ApogeeNet variant: the full code path at a fraction of the cost."""
+    return random_model(device="cpu", seed=seed, **SMALL_SIZES)
+
+
+def synthetic_spectra(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Flux around 1000 with NaN chip gaps (ivar 0 there) and a few bad pixels, like DR17."""
+    rng = np.random.default_rng(seed)
+    flux = (1000 + 50 * rng.standard_normal((n, N_PIXELS))).astype(np.float32)
+    ivar = np.full((n, N_PIXELS), 1e-3, np.float32) * rng.uniform(0.5, 2, (n, 1)).astype(np.float32)
+    flux[:, :322] = np.nan
+    flux[:, 3242:3648] = np.nan
+    ivar[np.isnan(flux)] = 0
+    ivar[:, 5000:5003] = 1e-20
+    return flux, ivar
