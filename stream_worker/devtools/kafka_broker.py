@@ -1,0 +1,396 @@
+"""A real single-node Kafka broker (KRaft) assembled from Maven Central jars.
+
+Consumer groups, rebalances, acks and restarts are exactly what the stream worker must get right,
+and fakes do not reproduce them, so tests and the quickstart run a real broker. There is no
+Docker on the target machines, but Java and Maven Central are available: the jars are resolved
+once into ``${STREAM_WORKER_CACHE:-~/.cache/stream_worker}/kafka-<version>/libs`` and the broker
+runs as a child JVM.
+
+Command line::
+
+    python -m stream_worker.devtools.kafka_broker fetch
+    python -m stream_worker.devtools.kafka_broker run --data-dir D [--port P]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from kafka import KafkaAdminClient
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+log = logging.getLogger(__name__)
+
+POM = Path(__file__).with_name("kafka-pom.xml")
+_POM_NS = {"m": "http://maven.apache.org/POM/4.0.0"}
+
+# Room for a batch of APOGEE spectra (~69 KB each as float32 with ivar) in one record batch.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def cache_root() -> Path:
+    """Where downloaded service artifacts live, shared by every checkout on the machine."""
+    return Path(os.environ.get("STREAM_WORKER_CACHE", "~/.cache/stream_worker")).expanduser()
+
+
+def kafka_version(pom: Path = POM) -> str:
+    """The Kafka version pinned in the POM (the single source of truth for it)."""
+    node = ET.parse(pom).find("m:properties/m:kafka.version", _POM_NS)
+    if node is None or not (node.text or "").strip():
+        raise ValueError(f"{pom} has no <kafka.version> property")
+    return node.text.strip()
+
+
+def fetch_jars(pom: Path = POM) -> Path:
+    """Resolve the broker's jars into the cache unless already there; return the lib directory.
+
+    The marker file records the POM's hash, so editing the POM re-resolves; the lock keeps
+    concurrent test processes from filling the same directory at once. Maven runs on a copy of the
+    POM inside the cache so that it never writes into the (possibly read-only) package directory.
+    """
+    home = cache_root() / f"kafka-{kafka_version(pom)}"
+    libdir = home / "libs"
+    marker = home / "libs.complete"
+    digest = hashlib.sha256(pom.read_bytes()).hexdigest()
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists() and marker.read_text().strip() == digest:
+            return libdir
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise RuntimeError("Maven (mvn) is needed to fetch the Kafka jars: run scripts/install-services")
+        marker.unlink(missing_ok=True)
+        shutil.rmtree(libdir, ignore_errors=True)
+        shutil.copyfile(pom, home / "pom.xml")
+        log.info("resolving Kafka %s jars into %s", kafka_version(pom), libdir)
+        started = time.monotonic()
+        proc = subprocess.run(
+            [mvn, "-q", "-B", "-f", str(home / "pom.xml"), "dependency:copy-dependencies",
+             f"-DoutputDirectory={libdir}"],
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"mvn exited with {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        marker.write_text(digest + "\n")
+        log.info("resolved %d jars in %.1fs", len(list(libdir.glob("*.jar"))), time.monotonic() - started)
+    return libdir
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """Distinct loopback ports that were free a moment ago (all sockets are held until the end)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"({path} does not exist)"
+    return f"--- last lines of {path} ---\n" + "\n".join(text.splitlines()[-lines:])
+
+
+class ServiceProcess:
+    """A server child process in its own process group, its output appended to a log file.
+
+    The separate group keeps a terminal Ctrl-C from killing the server behind our back, so that
+    shutdown always goes through stop() and is orderly.
+    """
+
+    def __init__(self, name: str, log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    def start(self, argv: Sequence[str], cwd: Path) -> None:
+        if self.running:
+            raise RuntimeError(f"{self.name} is already running")
+        log.info("starting %s: %s", self.name, " ".join(argv))
+        with open(self.log_path, "ab") as out:
+            self._proc = subprocess.Popen(
+                argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM, then SIGKILL if the process has not exited within ``timeout`` seconds."""
+        if not self.running:
+            return
+        assert self._proc is not None
+        log.info("stopping %s", self.name)
+        self._signal(signal.SIGTERM)
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0fs; killing it", self.name, timeout)
+            self.kill()
+
+    def kill(self) -> None:
+        if not self.running:
+            return
+        assert self._proc is not None
+        self._signal(signal.SIGKILL)
+        self._proc.wait()
+
+    def _signal(self, sig: signal.Signals) -> None:
+        assert self._proc is not None
+        try:
+            os.killpg(self._proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class ServiceError(RuntimeError):
+    """A local service failed to start or become ready; the message carries its log tail."""
+
+
+def _admin(bootstrap: str, timeout_s: float = 10) -> KafkaAdminClient:
+    timeout_ms = int(timeout_s * 1000)
+    return KafkaAdminClient(
+        bootstrap_servers=bootstrap, client_id="stream-worker-devtools",
+        request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms,
+    )
+
+
+def create_topic(bootstrap: str, name: str, partitions: int, config: Mapping[str, str] | None = None) -> None:
+    """Create a topic (replication factor 1) unless it exists, and wait until every partition has a leader."""
+    with _admin(bootstrap) as admin:
+        spec = {"num_partitions": partitions, "replication_factor": 1, "configs": dict(config or {})}
+        try:
+            admin.create_topics({name: spec})
+        except TopicAlreadyExistsError:
+            log.debug("topic %s already exists", name)
+        admin.wait_for_topics([name])
+
+
+def _cluster_id() -> str:
+    """A random 22-character cluster id, as Kafka's own ``Uuid.randomUuid`` would produce.
+
+    Kafka rejects ids that start with '-' (they look like command-line flags).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
+class LocalKafka:
+    """A single-node KRaft broker+controller on 127.0.0.1 keeping its data in ``data_dir``.
+
+    The ports are fixed for the object's lifetime, so stop() then start() comes back at the same
+    bootstrap address with its topics, messages and committed offsets (storage is formatted only
+    once per data_dir).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        port: int | None = None,
+        controller_port: int | None = None,
+        heap: str = "512m",
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        free = [p for p in free_ports(3) if p not in (port, controller_port)]
+        self.port = port or free[0]
+        self.controller_port = controller_port or free[1]
+        self.heap = heap
+        self.properties_path = self.data_dir / "server.properties"
+        self.log4j_path = self.data_dir / "log4j2.properties"
+        self.broker_log = self.data_dir / "broker.log"
+        self.log_dir = self.data_dir / "kraft-logs"
+        self._process = ServiceProcess("kafka", self.data_dir / "broker.out")
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process.running
+
+    def start(self) -> LocalKafka:
+        """Launch the broker (fetching jars and formatting storage first if needed); see wait_ready()."""
+        java = shutil.which("java")
+        if java is None:
+            raise ServiceError("java (17 or later) is needed to run Kafka: run scripts/install-services")
+        libdir = fetch_jars()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        classpath = f"{libdir}/*"
+        if not (self.log_dir / "meta.properties").exists():
+            self._format_storage(java, classpath)
+        self._process.start(
+            [java, f"-Xmx{self.heap}", f"-Dlog4j2.configurationFile={self.log4j_path}",
+             "-Djava.awt.headless=true", "-cp", classpath, "kafka.Kafka", str(self.properties_path)],
+            cwd=self.data_dir,
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        """Block until the port accepts connections and a metadata request succeeds."""
+        deadline = time.monotonic() + timeout
+        while not port_open(self.port):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise self._error(f"port {self.port} not open after {timeout:.0f}s")
+            time.sleep(0.1)
+        while True:
+            self._check_alive()
+            try:
+                with _admin(self.bootstrap, timeout_s=max(1.0, min(10.0, deadline - time.monotonic()))) as admin:
+                    admin.list_topics()
+                log.info("kafka ready at %s", self.bootstrap)
+                return
+            except KafkaError as exc:
+                if time.monotonic() > deadline:
+                    raise self._error(f"no metadata from {self.bootstrap} after {timeout:.0f}s: {exc!r}") from exc
+            time.sleep(0.2)
+
+    def stop(self, timeout: float = 30) -> None:
+        """Orderly shutdown (SIGTERM), escalating to SIGKILL after ``timeout`` seconds."""
+        self._process.stop(timeout)
+
+    def kill(self) -> None:
+        """Crash the broker (SIGKILL), as a machine failure would."""
+        self._process.kill()
+
+    def create_topic(self, name: str, partitions: int, config: Mapping[str, str] | None = None) -> None:
+        create_topic(self.bootstrap, name, partitions, config)
+
+    def __enter__(self) -> LocalKafka:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _write_config(self) -> None:
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "controller.listener.names": "CONTROLLER",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self.log_dir),
+            "num.partitions": "1",
+            "auto.create.topics.enable": "true",
+            "message.max.bytes": str(MAX_MESSAGE_BYTES),
+            "replica.fetch.max.bytes": str(MAX_MESSAGE_BYTES),
+            "offsets.topic.replication.factor": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+        }
+        self.properties_path.write_text("".join(f"{key}={value}\n" for key, value in props.items()))
+        self.log4j_path.write_text(
+            "status = warn\n"
+            "shutdownHook = disable\n"
+            "appender.file.type = File\n"
+            "appender.file.name = FILE\n"
+            f"appender.file.fileName = {self.broker_log}\n"
+            "appender.file.layout.type = PatternLayout\n"
+            "appender.file.layout.pattern = [%d] %p %m (%c)%n\n"
+            "rootLogger.level = WARN\n"
+            "rootLogger.appenderRef.file.ref = FILE\n"
+        )
+
+    def _format_storage(self, java: str, classpath: str) -> None:
+        log.info("formatting KRaft storage in %s", self.log_dir)
+        proc = subprocess.run(
+            [java, "-Xmx256m", f"-Dlog4j2.configurationFile={self.log4j_path}", "-cp", classpath,
+             "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(self.properties_path)],
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0:
+            raise self._error(f"storage format failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+
+    def _check_alive(self) -> None:
+        if not self._process.running:
+            raise self._error(f"broker process is not running (exit code {self._process.returncode})")
+
+    def _error(self, message: str) -> ServiceError:
+        return ServiceError(f"{message}\n{log_tail(self._process.log_path)}\n{log_tail(self.broker_log)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stream_worker.devtools.kafka_broker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("fetch", help="resolve the Kafka jars into the cache and exit")
+    run = commands.add_parser("run", help="run a broker in the foreground until SIGINT/SIGTERM")
+    run.add_argument("--data-dir", required=True, type=Path)
+    run.add_argument("--port", type=int)
+    run.add_argument("--controller-port", type=int)
+    run.add_argument("--heap", default="512m")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python's connection chatter
+
+    if args.command == "fetch":
+        print(fetch_jars())
+        return 0
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with LocalKafka(args.data_dir, args.port, args.controller_port, args.heap) as broker:
+        print(broker.bootstrap, flush=True)
+        while not stop.wait(1.0):
+            if not broker.running:
+                log.error("broker exited unexpectedly; see %s", broker.data_dir)
+                return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
