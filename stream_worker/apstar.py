@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -126,11 +127,17 @@ def _open(path: Path) -> fits.HDUList:
     if not path.is_file():
         raise InputError("not_apstar", f"{path}: not a regular file")
     try:
-        hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
     except OSError as exc:
         raise InputError("not_apstar", f"{path}: not a FITS file ({exc})") from exc
     except Exception as exc:
         raise InputError("truncated_file", f"{path}: unreadable FITS file ({exc})") from exc
+    truncated = [str(w.message) for w in caught if "truncated" in str(w.message)]
+    if truncated:
+        hdul.close()
+        raise InputError("truncated_file", f"{path}: {truncated[0]}")
     if len(hdul) < 3:
         hdul.close()
         raise InputError("not_apstar", f"{path}: {len(hdul)} HDUs, an apStar file has flux, error and mask HDUs")

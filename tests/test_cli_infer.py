@@ -1,0 +1,62 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from astropy.table import Table
+
+from stream_worker.cli import main
+from stream_worker.records import RESULT_FIELDS
+from tests.helpers import DWARF_FILE, GIANT_FILE, small_model
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "small.pt"
+    torch.save(small_model().state_dict(), path)
+    return path
+
+
+def run(*args):
+    return main(["infer", str(GIANT_FILE), str(DWARF_FILE), *map(str, args)])
+
+
+def test_jsonl_has_one_row_per_spectrum(tmp_path, weights):
+    out = tmp_path / "r.jsonl"
+    assert run("--visits", "--weights", weights, "--draws", "3", "-o", out) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["spectrum_id"].split(":")[1] for r in rows] == ["coadd", "visit1", "visit2", "visit3", "coadd", "visit1"]
+    for row in rows:
+        assert set(RESULT_FIELDS) <= set(row)
+        assert row["teff"] > 0 and row["e_teff"] > 10 and row["spectrum_kind"] in ("coadd", "visit")
+        assert row["model_name"] == "small.pt"
+
+
+def test_csv_and_fits(tmp_path, weights):
+    assert run("--weights", weights, "--draws", "0", "-o", tmp_path / "r.csv") == 0
+    with (tmp_path / "r.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 2 and rows[0]["e_teff"] == ""  # no draws, no uncertainties
+    assert run("--weights", weights, "--draws", "2", "-o", tmp_path / "r.fits") == 0
+    table = Table.read(tmp_path / "r.fits")
+    assert len(table) == 2 and np.all(table["teff"] > 0) and table["result_flags"].dtype.kind == "i"
+
+
+def test_random_weights_never_run_silently(tmp_path, capsys):
+    assert run("-o", tmp_path / "r.jsonl") == 2
+    assert "no model weights configured" in capsys.readouterr().err
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_unreadable_file_is_reported_and_the_rest_processed(tmp_path, weights, capsys):
+    out = tmp_path / "r.jsonl"
+    code = main(["infer", str(tmp_path / "missing.fits"), str(DWARF_FILE), "--weights", str(weights),
+                 "--draws", "0", "-o", str(out)])
+    assert code == 1
+    assert "missing_file" in capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 1
+
+
+def test_unknown_output_format(tmp_path, weights):
+    assert run("--weights", weights, "--draws", "0", "-o", tmp_path / "r.xlsx") == 2

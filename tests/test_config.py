@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+
+from stream_worker.config import Config, ConfigError, load_config
+
+CONFIG = Path(__file__).parent.parent / "config.yaml"
+
+
+def test_shipped_config_documents_the_defaults():
+    assert load_config(CONFIG, environ={}) == Config()
+
+
+def test_every_setting_is_in_the_shipped_config():
+    import dataclasses
+    import yaml
+
+    shipped = yaml.safe_load(CONFIG.read_text())
+    for section in dataclasses.fields(Config):
+        names = {f.name for f in dataclasses.fields(getattr(Config(), section.name))}
+        assert set(shipped[section.name]) == names, section.name
+
+
+def test_environment_overrides(tmp_path):
+    env = {
+        "STREAM_WORKER__KAFKA__BOOTSTRAP_SERVERS": "[kafka-0:9092, kafka-1:9092]",
+        "STREAM_WORKER__BATCHING__MAX_WAIT_SECONDS": "2",
+        "STREAM_WORKER__ENGINE__WEIGHTS": "$MWM_ASTRA/pipelines/ANet/deconstructed_model",
+        "STREAM_WORKER__KAFKA__INPUT_TOPICS": "a,b",
+    }
+    config = load_config(CONFIG, environ=env)
+    assert config.kafka.bootstrap_servers == ["kafka-0:9092", "kafka-1:9092"]
+    assert config.batching.max_wait_seconds == 2.0
+    assert config.engine.weights.startswith("$MWM_ASTRA")
+    assert config.kafka.input_topics == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "yaml_text, key",
+    [
+        ("kafka:\n  bootstrap_server: x\n", "kafka.bootstrap_server: unknown setting"),
+        ("batching:\n  max_spectra: lots\n", "batching.max_spectra: expected an integer"),
+        ("batching:\n  max_spectra: 0\n", "batching.max_spectra: must be positive"),
+        ("engine:\n  num_draws: 1\n", "engine.num_draws"),
+        ("kafka:\n  delivery: sometimes\n", "kafka.delivery: must be one of"),
+        ("kafka:\n  sasl_password: hunter2\n", "kafka.sasl_password: secrets do not belong"),
+        ("metrics:\n  enabled: yes please\n", "metrics.enabled: expected true or false"),
+        ("telemetry: {}\n", "telemetry: unknown setting"),
+        ("kafka:\n  security_protocol: SASL_SSL\n", "kafka.sasl_mechanism: required"),
+        ("- just a list\n", "expected a mapping"),
+    ],
+)
+def test_bad_settings_name_the_key(tmp_path, yaml_text, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(")):
+        load_config(path, environ={})
+
+
+def test_bad_environment_override_names_the_key():
+    with pytest.raises(ConfigError, match="worker.poll_timeout_ms: expected an integer"):
+        load_config(None, environ={"STREAM_WORKER__WORKER__POLL_TIMEOUT_MS": "soon"})
+    with pytest.raises(ConfigError, match="STREAM_WORKER__KAFKA: expected"):
+        load_config(None, environ={"STREAM_WORKER__KAFKA": "x"})
+
+
+def test_missing_config_file_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.yaml", environ={})
+
+
+def test_sasl_password_comes_from_env_or_file(tmp_path, monkeypatch):
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    config = load_config(None, environ={"STREAM_WORKER__KAFKA__SASL_PASSWORD_FILE": str(secret)})
+    monkeypatch.delenv("STREAM_WORKER_SASL_PASSWORD", raising=False)
+    assert config.sasl_password() == "s3cret"
+    monkeypatch.setenv("STREAM_WORKER_SASL_PASSWORD", "from-env")
+    assert config.sasl_password() == "from-env"

@@ -1,0 +1,176 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from stream_worker.flags import ResultFlags
+from stream_worker.inference import Estimator
+from stream_worker.preprocess import noise_draws
+from stream_worker.records import RESULT_FIELDS
+from stream_worker.reference import reference_estimate
+from tests.helpers import small_model, synthetic_spectra
+
+RAW = ("teff", "logg", "fe_h", "raw_e_teff", "raw_e_logg", "raw_e_fe_h")
+
+
+def assert_same_result(a: dict, b: dict) -> None:
+    """Equal up to float32 rounding, which depends on how many rows share a matrix product:
+    values to 1e-6 relative; raw uncertainties (spreads of nearly equal numbers) to 1e-4."""
+    for name in ("teff", "logg", "fe_h"):
+        assert a[name] == pytest.approx(b[name], rel=1e-6), name
+    for name in ("raw_e_teff", "raw_e_logg", "raw_e_fe_h"):
+        assert a[name] == pytest.approx(b[name], rel=1e-4), name
+
+
+@pytest.fixture(scope="module")
+def spectra():
+    return synthetic_spectra(5, seed=11)
+
+
+@pytest.fixture(scope="module")
+def records(tiny_model, spectra):
+    flux, ivar = spectra
+    return Estimator(tiny_model, num_draws=20, seed=5).estimate(flux, ivar, [f"s{i}" for i in range(5)])
+
+
+def test_records_have_exactly_the_result_fields(records):
+    for record in records:
+        assert set(RESULT_FIELDS) <= set(record)
+        assert record["result_flags"] == 0 or record["result_flags"] & ResultFlags.UNRELIABLE_FE_H
+        assert record["model_name"] == "random-untrained" and record["model_trained"] is False
+        assert record["weights_sha256"] and record["worker_version"]
+        assert record["inference_seconds"] > 0 and record["error_message"] is None
+
+
+def test_engine_matches_the_one_at_a_time_reference(tiny_model, spectra, records):
+    flux, ivar = spectra
+    for i, record in enumerate(records):
+        with torch.no_grad():
+            expected = reference_estimate(tiny_model, flux[i], ivar[i], noise_draws(f"s{i}", 5, 20, flux.shape[1]))
+        assert_same_result(record, expected)
+
+
+def test_full_size_network_matches_the_reference():
+    from stream_worker.model import random_model
+
+    model = random_model(device="cpu", seed=1)
+    flux, ivar = synthetic_spectra(2, seed=2)
+    records = Estimator(model, num_draws=4, seed=0).estimate(flux, ivar, ["a", "b"])
+    for i, spectrum_id in enumerate(["a", "b"]):
+        with torch.no_grad():
+            expected = reference_estimate(model, flux[i], ivar[i], noise_draws(spectrum_id, 0, 4, flux.shape[1]))
+        for name in RAW:
+            assert records[i][name] == pytest.approx(expected[name], rel=1e-4), name
+
+
+def test_calibrated_uncertainties_follow_the_noise_model(records):
+    for r in records:
+        assert r["e_teff"] == pytest.approx(1.25 * r["raw_e_teff"] + 10)
+        assert r["e_logg"] == pytest.approx(1.25 * r["raw_e_logg"] + 0.01)
+        assert r["e_fe_h"] == pytest.approx(r["raw_e_fe_h"] + 0.01)
+        assert r["raw_e_teff"] > 0
+
+
+def test_result_does_not_depend_on_batch_companions(tiny_model, spectra, records):
+    flux, ivar = spectra
+    alone = Estimator(tiny_model, num_draws=20, seed=5).estimate(flux[3:4], ivar[3:4], ["s3"])[0]
+    other_flux, other_ivar = synthetic_spectra(7, seed=99)
+    mixed_flux = np.concatenate([other_flux[:4], flux[3:4], other_flux[4:]])
+    mixed_ivar = np.concatenate([other_ivar[:4], ivar[3:4], other_ivar[4:]])
+    ids = [f"o{i}" for i in range(4)] + ["s3"] + [f"o{i}" for i in range(4, 7)]
+    crowded = Estimator(tiny_model, num_draws=20, seed=5, batch_size=13).estimate(mixed_flux, mixed_ivar, ids)[4]
+    assert_same_result(alone, records[3])
+    assert_same_result(crowded, records[3])
+
+
+def test_chunking_does_not_change_results(tiny_model, spectra, records):
+    flux, ivar = spectra
+    chunked = Estimator(tiny_model, num_draws=20, seed=5, chunk_spectra=2).estimate(
+        flux, ivar, [f"s{i}" for i in range(5)]
+    )
+    for a, b in zip(chunked, records):
+        assert_same_result(a, b)
+
+
+def test_same_spectrum_same_uncertainties_on_redelivery(tiny_model, spectra):
+    flux, ivar = spectra
+    first = Estimator(tiny_model, seed=5).estimate(flux[:1], ivar[:1], ["x"])[0]
+    again = Estimator(tiny_model, seed=5).estimate(flux[:1], ivar[:1], ["x"])[0]
+    renamed = Estimator(tiny_model, seed=5).estimate(flux[:1], ivar[:1], ["y"])[0]
+    assert first["raw_e_teff"] == again["raw_e_teff"]
+    assert first["raw_e_teff"] != renamed["raw_e_teff"]
+    assert first["teff"] == renamed["teff"]  # the clean pass has no noise
+
+
+def test_zero_draws_means_no_uncertainties(tiny_model, spectra):
+    flux, ivar = spectra
+    record = Estimator(tiny_model, num_draws=0).estimate(flux[:1], ivar[:1], ["z"])[0]
+    assert record["teff"] > 0
+    for name in ("e_teff", "e_logg", "e_fe_h", "raw_e_teff", "raw_e_logg", "raw_e_fe_h"):
+        assert record[name] is None
+
+
+@pytest.mark.parametrize("draws", [-1, 1])
+def test_invalid_draw_counts_are_refused(tiny_model, draws):
+    with pytest.raises(ValueError, match="num_draws"):
+        Estimator(tiny_model, num_draws=draws)
+
+
+class Explodes(torch.nn.Module):
+    """Wraps a model and raises for any batch holding a row with a bright pixel 400."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.weights_info = model.weights_info
+
+    def forward(self, x):
+        if torch.any(x[:, 0, 400] > 7.25):  # log(1500) = 7.31; normal pixels are below log(1200)
+            raise RuntimeError("boom")
+        return self.inner(x)
+
+
+def test_failing_spectrum_gets_runtime_flag_and_others_are_unaffected(tiny_model, spectra, records):
+    flux, ivar = (a.copy() for a in spectra)
+    flux[2, 400] = 1500.0
+    out = Estimator(Explodes(tiny_model), num_draws=20, seed=5).estimate(flux, ivar, [f"s{i}" for i in range(5)])
+    bad = out[2]
+    assert bad["result_flags"] == ResultFlags.RUNTIME_EXCEPTION
+    assert bad["flag_bad"] is True and bad["flag_warn"] is False
+    assert all(bad[name] is None for name in ("teff", "logg", "fe_h", "e_teff", "raw_e_fe_h"))
+    assert "RuntimeError: boom" in bad["error_message"]
+    for i in (0, 1, 3, 4):
+        assert_same_result(out[i], records[i])
+        assert not out[i]["result_flags"] & ResultFlags.RUNTIME_EXCEPTION
+
+
+class NaNOutput(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.weights_info = model.weights_info
+
+    def forward(self, x):
+        return self.inner(x) * float("nan")
+
+
+def test_non_finite_outputs_are_never_reported_as_numbers(tiny_model, spectra):
+    flux, ivar = spectra
+    record = Estimator(NaNOutput(tiny_model)).estimate(flux[:1], ivar[:1], ["n"])[0]
+    assert record["teff"] is None and record["result_flags"] == ResultFlags.RUNTIME_EXCEPTION
+    assert "not finite" in record["error_message"]
+
+
+def test_wrong_array_shapes_are_refused(tiny_model):
+    with pytest.raises(ValueError, match=r"\(N, L\)"):
+        Estimator(tiny_model).estimate(np.zeros(8575), np.zeros(8575))
+    with pytest.raises(ValueError, match="3 ids for 1 spectra"):
+        Estimator(tiny_model).estimate(np.zeros((1, 8575)), np.zeros((1, 8575)), ["a", "b", "c"])
+
+
+def test_teff_conversion(tiny_model, spectra, records):
+    """raw_e_teff = teff * std(log10 teff) * ln 10, from the draws' spread."""
+    r = records[0]
+    assert math.isfinite(r["teff"]) and r["teff"] > 0
+    assert r["raw_e_teff"] / (r["teff"] * math.log(10)) > 0
