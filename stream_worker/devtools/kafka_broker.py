@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -43,6 +44,8 @@ _POM_NS = {"m": "http://maven.apache.org/POM/4.0.0"}
 
 # Room for a batch of APOGEE spectra (~69 KB each as float32 with ivar) in one record batch.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+_STACK_FRAME = re.compile(r"\s+(at |\.\.\. \d+ more)")
 
 
 def cache_root() -> Path:
@@ -95,7 +98,7 @@ def fetch_jars(pom: Path = POM) -> Path:
 
 
 def free_ports(count: int = 1) -> list[int]:
-    """Distinct loopback ports that were free a moment ago (all sockets are held until the end)."""
+    """Loopback ports that were free a moment ago; bound all at once so that they differ."""
     sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
     try:
         for sock in sockets:
@@ -113,11 +116,17 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def log_tail(path: Path, lines: int = 40) -> str:
+    """The end of a log for an error message, without Java stack frames (they bury the cause)."""
     try:
         text = path.read_text(errors="replace")
     except FileNotFoundError:
         return f"({path} does not exist)"
-    return f"--- last lines of {path} ---\n" + "\n".join(text.splitlines()[-lines:])
+    kept = [line for line in text.splitlines() if not _STACK_FRAME.match(line)]
+    return f"--- last lines of {path} (stack frames omitted) ---\n" + "\n".join(kept[-lines:])
+
+
+class ServiceError(RuntimeError):
+    """A local service failed to start or become ready; the message carries its log tail."""
 
 
 class ServiceProcess:
@@ -142,7 +151,7 @@ class ServiceProcess:
 
     def start(self, argv: Sequence[str], cwd: Path) -> None:
         if self.running:
-            raise RuntimeError(f"{self.name} is already running")
+            raise ServiceError(f"{self.name} is already running")
         log.info("starting %s: %s", self.name, " ".join(argv))
         with open(self.log_path, "ab") as out:
             self._proc = subprocess.Popen(
@@ -176,10 +185,6 @@ class ServiceProcess:
             os.killpg(self._proc.pid, sig)
         except ProcessLookupError:
             pass
-
-
-class ServiceError(RuntimeError):
-    """A local service failed to start or become ready; the message carries its log tail."""
 
 
 def _admin(bootstrap: str, timeout_s: float = 10) -> KafkaAdminClient:
