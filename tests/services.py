@@ -1,0 +1,92 @@
+"""Pytest fixtures that run the real local services (Kafka broker, Prometheus server).
+
+Registered from tests/conftest.py with ``pytest_plugins = ["tests.services"]``.
+
+Set ``STREAM_WORKER_TEST_BOOTSTRAP=host:port`` to run against a broker that is already running
+instead of starting one; tests that need to stop or restart a broker are then skipped, since
+that broker is not ours to control.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+import pytest
+
+from stream_worker.devtools.kafka_broker import LocalKafka, create_topic
+from stream_worker.devtools.prometheus_server import LocalPrometheus
+
+BOOTSTRAP_ENV = "STREAM_WORKER_TEST_BOOTSTRAP"
+
+PrometheusFactory = Callable[..., LocalPrometheus]
+
+
+def unique_topic(prefix: str = "test") -> str:
+    """A topic name no other test (or earlier run against the same broker) has used."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@dataclass(frozen=True)
+class ExternalKafka:
+    """A broker someone else runs: usable like LocalKafka, but never stopped or restarted by us."""
+
+    bootstrap: str
+
+    def create_topic(self, name: str, partitions: int, config: Mapping[str, str] | None = None) -> None:
+        create_topic(self.bootstrap, name, partitions, config)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        """Nothing to wait for: the broker is assumed to be up already."""
+
+    def start(self) -> NoReturn:
+        self._skip()
+
+    def stop(self, timeout: float = 30) -> NoReturn:
+        self._skip()
+
+    def kill(self) -> NoReturn:
+        self._skip()
+
+    def _skip(self) -> NoReturn:
+        pytest.skip(f"the external broker from {BOOTSTRAP_ENV} cannot be stopped or restarted")
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka | ExternalKafka]:
+    """One broker shared by the whole session; give each test its own topics (unique_topic)."""
+    bootstrap = os.environ.get(BOOTSTRAP_ENV)
+    if bootstrap:
+        yield ExternalKafka(bootstrap)
+        return
+    with LocalKafka(tmp_path_factory.mktemp("kafka")) as broker:
+        yield broker
+
+
+@pytest.fixture
+def restartable_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    """A private broker the test may stop, kill and start again (same data dir and ports)."""
+    if os.environ.get(BOOTSTRAP_ENV):
+        pytest.skip(f"{BOOTSTRAP_ENV} is set: not starting brokers of our own")
+    with LocalKafka(tmp_path_factory.mktemp("kafka-private")) as broker:
+        yield broker
+
+
+@pytest.fixture
+def prometheus_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusFactory]:
+    """``factory(targets, rule_files=())`` returns a ready LocalPrometheus scraping ``targets``."""
+    servers: list[LocalPrometheus] = []
+
+    def factory(targets: Sequence[str], rule_files: Sequence[str | os.PathLike[str]] = ()) -> LocalPrometheus:
+        server = LocalPrometheus(tmp_path_factory.mktemp("prometheus"), targets, rule_files=rule_files)
+        servers.append(server)
+        server.start()
+        server.wait_ready()
+        return server
+
+    yield factory
+    for server in servers:
+        server.stop()
