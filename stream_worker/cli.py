@@ -59,6 +59,58 @@ def cmd_infer(args: argparse.Namespace, config) -> int:
     return 1 if failures else 0
 
 
+def cmd_run(args: argparse.Namespace, config) -> int:
+    """The streaming worker: runs until SIGTERM, then drains and exits 0."""
+    from .worker import build_worker
+
+    config = _apply_engine_options(config, args)
+    worker, health = build_worker(config)
+    try:
+        return worker.run()
+    finally:
+        if health is not None:
+            health.stop()
+
+
+def cmd_produce(args: argparse.Namespace, config) -> int:
+    """Publishes apStar spectra as input messages (inline arrays or file references)."""
+    from .apstar import read_apstar
+    from .kafka_io import make_producer
+    from .messages import CONTENT_TYPE, encode_inline, encode_reference
+    from .spectrum import InputError
+
+    if args.bootstrap:
+        config.kafka.bootstrap_servers = args.bootstrap.split(",")
+    config.kafka.delivery = "at_least_once"  # a feeder needs no transactions
+    topic = args.topic or config.kafka.input_topics[0]
+    producer = make_producer(config)
+    sent, futures = [], []
+    for path in args.files:
+        try:
+            spectra = read_apstar(path, visits=args.visits)
+        except InputError as exc:
+            log.error("skipping %s: [%s] %s", path, exc.reason, exc)
+            continue
+        for spectrum in spectra:
+            which = "coadd" if spectrum.visit is None else spectrum.visit
+            value = (
+                encode_reference(str(Path(path).resolve()), which, spectrum.spectrum_id)
+                if args.reference
+                else encode_inline(spectrum)
+            )
+            futures.append(producer.send(topic, key=spectrum.spectrum_id.encode(), value=value,
+                                         headers=[("content-type", CONTENT_TYPE.encode())]))
+            sent.append((spectrum.spectrum_id, len(value)))
+    producer.flush()
+    failed = [f for f in futures if not f.succeeded()]
+    producer.close()
+    for (spectrum_id, size), future in zip(sent, futures):
+        where = f"partition {future.value.partition} offset {future.value.offset}" if future.succeeded() else "FAILED"
+        print(f"{spectrum_id}\t{size} bytes\t{topic} {where}")
+    print(f"sent {len(sent) - len(failed)} of {len(sent)} spectra to {topic}", file=sys.stderr)
+    return 1 if failed or not sent else 0
+
+
 def _progress(done: int, total: int, seconds: float) -> None:
     if sys.stderr.isatty() and total > 1:
         width = 30
@@ -80,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("-o", "--output", default=None, help="out.fits | out.csv | out.jsonl (default: JSON lines on stdout)")
     _engine_options(infer)
     infer.set_defaults(func=cmd_infer)
+
+    run = sub.add_parser("run", help="run the streaming worker (Kafka in, Kafka out)")
+    _engine_options(run)
+    run.set_defaults(func=cmd_run)
+
+    produce = sub.add_parser("produce", help="publish apStar spectra as input messages")
+    produce.add_argument("files", nargs="+", type=Path)
+    produce.add_argument("--topic", default=None, help="default: the first of kafka.input_topics")
+    produce.add_argument("--bootstrap", default=None, help="host:port[,host:port] (default: kafka.bootstrap_servers)")
+    produce.add_argument("--visits", action="store_true", help="also each visit spectrum")
+    produce.add_argument("--reference", action="store_true",
+                         help="send file references (the worker reads the file) instead of inline arrays")
+    produce.set_defaults(func=cmd_produce)
     return parser
 
 

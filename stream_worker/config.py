@@ -75,7 +75,7 @@ class EngineConfig:
 @dataclass
 class InputsConfig:
     data_roots: list[str] = field(default_factory=list)
-    max_message_bytes: int = 4_194_304
+    max_message_bytes: int = 4_000_000
 
 
 @dataclass
@@ -229,6 +229,11 @@ def _check(config: Config) -> Config:
         raise ConfigError(f"metrics.port: must be a TCP port, found {config.metrics.port}")
     if config.kafka.max_poll_interval_ms <= config.kafka.session_timeout_ms:
         raise ConfigError("kafka.max_poll_interval_ms: must exceed kafka.session_timeout_ms")
+    if config.inputs.max_message_bytes + 65_536 > config.kafka.max_request_size:
+        raise ConfigError(
+            "inputs.max_message_bytes: must be at least 64 KiB below kafka.max_request_size, "
+            "so that a dead letter (the input plus headers) can always be published"
+        )
     if config.kafka.sasl_mechanism and not config.kafka.security_protocol.startswith("SASL"):
         raise ConfigError("kafka.sasl_mechanism: set kafka.security_protocol to SASL_PLAINTEXT or SASL_SSL too")
     if config.kafka.security_protocol.startswith("SASL") and not config.kafka.sasl_mechanism:

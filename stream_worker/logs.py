@@ -36,3 +36,5 @@ def setup_logging(config: LoggingConfig) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)
+    # kafka-python narrates every connection at INFO; its warnings and errors are what operators need.
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))

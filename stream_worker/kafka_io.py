@@ -1,0 +1,71 @@
+"""Building kafka-python clients from the config: the only place that knows their option names."""
+
+from __future__ import annotations
+
+import socket
+
+from kafka import KafkaConsumer, KafkaProducer
+
+from .config import Config
+
+
+def security_options(config: Config) -> dict:
+    """TLS and SASL options shared by every client; the password never comes from YAML."""
+    kafka = config.kafka
+    options = {"security_protocol": kafka.security_protocol}
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        options.update(
+            ssl_cafile=kafka.ssl_cafile, ssl_certfile=kafka.ssl_certfile, ssl_keyfile=kafka.ssl_keyfile,
+            ssl_check_hostname=kafka.ssl_check_hostname,
+        )
+    if kafka.sasl_mechanism:
+        options.update(
+            sasl_mechanism=kafka.sasl_mechanism,
+            sasl_plain_username=kafka.sasl_username,
+            sasl_plain_password=config.sasl_password(),
+        )
+    return options
+
+
+def transactional_id(config: Config) -> str:
+    """Stable per worker instance (the pod's hostname), so a restarted worker fences its
+    predecessor and aborts the transaction it left open instead of waiting for it to time out."""
+    return config.kafka.transactional_id or f"{config.kafka.group_id}-{socket.gethostname()}"
+
+
+def make_consumer(config: Config) -> KafkaConsumer:
+    kafka = config.kafka
+    return KafkaConsumer(
+        bootstrap_servers=kafka.bootstrap_servers,
+        group_id=kafka.group_id,
+        client_id=kafka.client_id,
+        enable_auto_commit=False,
+        auto_offset_reset=kafka.auto_offset_reset,
+        session_timeout_ms=kafka.session_timeout_ms,
+        max_poll_interval_ms=kafka.max_poll_interval_ms,
+        fetch_max_bytes=kafka.fetch_max_bytes,
+        max_partition_fetch_bytes=kafka.max_partition_fetch_bytes,
+        isolation_level="read_committed" if kafka.delivery == "exactly_once" else "read_uncommitted",
+        **security_options(config),
+    )
+
+
+def make_producer(config: Config) -> KafkaProducer:
+    kafka = config.kafka
+    options = dict(
+        bootstrap_servers=kafka.bootstrap_servers,
+        client_id=kafka.client_id,
+        acks="all",
+        enable_idempotence=True,
+        compression_type=kafka.compression_type,
+        max_request_size=kafka.max_request_size,
+        request_timeout_ms=kafka.request_timeout_ms,
+        linger_ms=5,
+        **security_options(config),
+    )
+    if kafka.delivery == "exactly_once":
+        options["transactional_id"] = transactional_id(config)
+    producer = KafkaProducer(**options)
+    if kafka.delivery == "exactly_once":
+        producer.init_transactions()
+    return producer

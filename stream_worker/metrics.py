@@ -1,0 +1,133 @@
+"""Prometheus metrics and the HTTP endpoints (/metrics, /healthz, /readyz).
+
+Each worker owns a registry, so several workers can live in one process (tests). Labels stay
+low-cardinality: topic, partition, reason code, flag name. The names here are what the
+dashboard and the alert rules in ``k8s/`` query.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from . import __version__
+from .flags import FLAG_NAMES, set_bits
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.messages_consumed = Counter(
+            "stream_worker_messages_consumed_total", "Input messages taken from Kafka", ["topic"], registry=r)
+        self.spectra_processed = Counter(
+            "stream_worker_spectra_processed_total", "Spectra that went through the network", registry=r)
+        self.records_published = Counter(
+            "stream_worker_records_published_total", "Result records acknowledged by the broker", registry=r)
+        self.dead_letters = Counter(
+            "stream_worker_dead_letters_total", "Inputs sent to the dead-letter topic", ["reason"], registry=r)
+        self.result_flags = Counter(
+            "stream_worker_result_flags_total", "Published records with each result_flags bit set", ["flag"],
+            registry=r)
+        self.flag_warn = Counter("stream_worker_flag_warn_total", "Published records with flag_warn", registry=r)
+        self.flag_bad = Counter("stream_worker_flag_bad_total", "Published records with flag_bad", registry=r)
+        self.batch_failures = Counter(
+            "stream_worker_batch_failures_total", "Batches whose publish or commit failed and were retried",
+            ["stage"], registry=r)
+        self.batch_size = Histogram(
+            "stream_worker_batch_size_spectra", "Messages per micro-batch", buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.inference_seconds = Histogram(
+            "stream_worker_inference_seconds", "Engine time per batch (preprocess + network)",
+            buckets=SECONDS_BUCKETS, registry=r)
+        self.batch_seconds = Histogram(
+            "stream_worker_batch_seconds", "Whole batch time: decode to commit", buckets=SECONDS_BUCKETS, registry=r)
+        self.latency = Histogram(
+            "stream_worker_end_to_end_latency_seconds",
+            "Input message timestamp to its result acknowledged by the broker", buckets=SECONDS_BUCKETS, registry=r)
+        self.consumer_lag = Gauge(
+            "stream_worker_consumer_lag", "Messages behind the partition end", ["topic", "partition"], registry=r)
+        self.in_flight = Gauge("stream_worker_in_flight_spectra", "Messages consumed but not yet committed", registry=r)
+        self.last_success = Gauge(
+            "stream_worker_last_successful_batch_timestamp_seconds", "Unix time of the last committed batch",
+            registry=r)
+        self.ready = Gauge("stream_worker_ready", "1 when the worker is ready (model loaded, partitions, broker)",
+                           registry=r)
+        self.model_info = Gauge(
+            "stream_worker_model_info", "The model in use (value 1)",
+            ["model_name", "weights_sha256", "trained", "device", "num_draws", "worker_version"], registry=r)
+        for name in FLAG_NAMES.values():
+            self.result_flags.labels(flag=name)
+        self.dead_letters.labels(reason="decode_error")
+
+    def set_model(self, weights_info, device: str, num_draws: int) -> None:
+        self.model_info.labels(
+            model_name=weights_info.name, weights_sha256=weights_info.sha256[:16], trained=str(weights_info.trained).lower(),
+            device=device, num_draws=str(num_draws), worker_version=__version__,
+        ).set(1)
+
+    def count_published(self, records: list[dict]) -> None:
+        self.records_published.inc(len(records))
+        for record in records:
+            for name in set_bits(record["result_flags"]):
+                self.result_flags.labels(flag=name).inc()
+            if record["flag_warn"]:
+                self.flag_warn.inc()
+            if record["flag_bad"]:
+                self.flag_bad.inc()
+
+
+class HealthServer:
+    """Serves /metrics, /healthz (the process answers) and /readyz (``ready()`` says why not)."""
+
+    def __init__(self, metrics: Metrics, ready: Callable[[], tuple[bool, str]], host: str, port: int) -> None:
+        registry = metrics.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._reply(200, b"ok\n")
+                elif path == "/readyz":
+                    ok, why = ready()
+                    self._reply(200 if ok else 503, (why + "\n").encode())
+                else:
+                    self._reply(404, b"not found\n")
+
+            def _reply(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:  # scrapes every few seconds would flood the log
+                pass
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="health-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def start(self) -> HealthServer:
+        self.thread.start()
+        log.info("metrics and health on port %d", self.port)
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,162 @@
+"""One micro-batch, from consumed messages to the messages to publish.
+
+decode → validate → preprocess + infer (the :class:`~stream_worker.inference.Estimator`) →
+build records. No Kafka here: consumed messages come in as plain objects with ``topic``,
+``partition``, ``offset``, ``key``, ``value``, ``headers`` and ``timestamp`` (kafka-python's
+``ConsumerRecord`` fits), and what must be published goes out as :class:`Outgoing`. The worker
+publishes it and commits; tests drive this module without a broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .apstar import read_apstar_spectra
+from .inference import Estimator
+from .messages import (
+    RESULT_CONTENT_TYPE, SCHEMA_VERSION, FileReference, dead_letter_headers, decode_input, encode_result,
+)
+from .records import utc_now
+from .spectrum import InputError, Spectrum, validate_spectrum
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to publish: a result or a dead letter."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass
+class DeadLetter:
+    reason: str
+    message: str
+
+
+@dataclass
+class BatchResult:
+    """What one batch produced; ``records`` and ``dead_letters`` feed the metrics."""
+
+    outgoing: list[Outgoing] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    spectra: int = 0
+    inference_seconds: float = 0.0
+
+
+class FileReader:
+    """Reads referenced apStar spectra, but only from under the configured data roots."""
+
+    def __init__(self, data_roots: list[str]) -> None:
+        self.roots = [Path(os.path.realpath(os.path.expandvars(root))) for root in data_roots]
+
+    def read(self, reference: FileReference) -> Spectrum:
+        if not self.roots:
+            raise InputError("path_not_allowed", "file references are disabled: inputs.data_roots is empty")
+        resolved = Path(os.path.realpath(reference.path))
+        if not any(resolved == root or root in resolved.parents for root in self.roots):
+            raise InputError(
+                "path_not_allowed",
+                f"{reference.path} is outside the allowed data roots ({', '.join(map(str, self.roots))})",
+            )
+        (spectrum,) = read_apstar_spectra(resolved, [reference.which])
+        header = reference.header
+        spectrum.spectrum_id = header["spectrum_id"]
+        for name, attribute in (("source_id", "source_id"), ("telescope", "telescope"), ("mjd", "mjd")):
+            if header.get(name) is not None:
+                setattr(spectrum, attribute, header[name])
+        return spectrum
+
+
+class Pipeline:
+    """Turns a batch of consumed messages into result and dead-letter messages."""
+
+    def __init__(self, estimator: Estimator, files: FileReader, output_topic: str, dead_letter_topic: str,
+                 max_message_bytes: int) -> None:
+        self.estimator = estimator
+        self.files = files
+        self.output_topic = output_topic
+        self.dead_letter_topic = dead_letter_topic
+        self.max_message_bytes = max_message_bytes
+
+    def decode(self, message) -> Spectrum:
+        """decode + validate one message; raises :class:`InputError` with a reason code."""
+        if message.value is not None and len(message.value) > self.max_message_bytes:
+            raise InputError("oversized", f"{len(message.value)} bytes exceeds inputs.max_message_bytes={self.max_message_bytes}")
+        decoded = decode_input(message.value)
+        spectrum = self.files.read(decoded) if isinstance(decoded, FileReference) else decoded
+        return validate_spectrum(spectrum)
+
+    def run(self, messages: list) -> BatchResult:
+        result = BatchResult()
+        accepted: list[tuple[object, Spectrum]] = []
+        for message in messages:
+            try:
+                accepted.append((message, self.decode(message)))
+            except InputError as exc:
+                self._dead_letter(result, message, exc.reason, str(exc))
+            except Exception as exc:  # a bug or an unforeseen input must not stop the stream
+                log.exception("unexpected error decoding %s", _where(message))
+                self._dead_letter(result, message, "internal_error", f"{type(exc).__name__}: {exc}")
+        if accepted:
+            started = time.perf_counter()
+            records = self.estimator.estimate(
+                np.stack([s.flux for _, s in accepted]),
+                np.stack([s.ivar for _, s in accepted]),
+                [s.spectrum_id for _, s in accepted],
+            )
+            result.inference_seconds = time.perf_counter() - started
+            result.spectra = len(accepted)
+            for (message, spectrum), record in zip(accepted, records):
+                full = output_record(record, spectrum, message)
+                result.records.append(full)
+                result.outgoing.append(
+                    Outgoing(
+                        self.output_topic,
+                        spectrum.spectrum_id.encode(),
+                        encode_result(full),
+                        [("content-type", RESULT_CONTENT_TYPE.encode())],
+                    )
+                )
+        return result
+
+    def _dead_letter(self, result: BatchResult, message, reason: str, text: str) -> None:
+        log.warning("dead-lettering %s: [%s] %s", _where(message), reason, text,
+                    extra={"reason": reason, "topic": message.topic, "partition": message.partition,
+                           "offset": message.offset})
+        result.dead_letters.append(DeadLetter(reason, text))
+        headers = dead_letter_headers(message.headers, reason, text, message.topic, message.partition, message.offset)
+        value = message.value or b""
+        if len(value) > self.max_message_bytes:  # would not fit the producer's limit: keep the evidence, not the bytes
+            headers.append(("dlq.original_size", str(len(value)).encode()))
+            value = b""
+        result.outgoing.append(Outgoing(self.dead_letter_topic, message.key, value, headers))
+
+
+def _where(message) -> str:
+    return f"{message.topic}[{message.partition}]@{message.offset}"
+
+
+def output_record(result: dict, spectrum: Spectrum, message) -> dict:
+    """The published record: identity, science fields, provenance of the input, timing."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        **spectrum.metadata(),
+        **result,
+        "input_topic": message.topic,
+        "input_partition": message.partition,
+        "input_offset": message.offset,
+        "input_timestamp_ms": message.timestamp,
+        "published_at": utc_now(),
+    }
