@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from kafka import KafkaConsumer, KafkaProducer
 
-from stream_worker.devtools.kafka_broker import free_ports
+from stream_worker.devtools.worker_process import WorkerProcess
 from stream_worker.messages import encode_inline
 from stream_worker.spectrum import Spectrum
 from tests.helpers import DATA, small_model, synthetic_spectra
@@ -47,79 +42,22 @@ class Topics:
         return self
 
 
-class WorkerProcess:
-    """``python -m stream_worker run`` configured through the environment, as in a container."""
-
-    def __init__(self, bootstrap: str, topics: Topics, weights: Path, log_path: Path, **settings) -> None:
-        self.port = free_ports(1)[0]
-        env = {
-            "KAFKA__BOOTSTRAP_SERVERS": f"[{bootstrap}]",
-            "KAFKA__INPUT_TOPICS": f"[{topics.input}]",
-            "KAFKA__OUTPUT_TOPIC": topics.output,
-            "KAFKA__DEAD_LETTER_TOPIC": topics.dead_letter,
-            "KAFKA__GROUP_ID": topics.group,
-            "KAFKA__SESSION_TIMEOUT_MS": "10000",
-            "METRICS__PORT": str(self.port),
-            "METRICS__HOST": "127.0.0.1",
-            "ENGINE__WEIGHTS": str(weights),
-            "ENGINE__NUM_DRAWS": "4",
-            "INPUTS__DATA_ROOTS": f"[{DATA}]",
-            "BATCHING__MAX_SPECTRA": "16",
-            "BATCHING__MAX_WAIT_SECONDS": "0.2",
-            "LOGGING__FORMAT": "text",
-            **{k.upper(): str(v) for k, v in settings.items()},
-        }
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_WORKER__")}
-        environ.update({f"STREAM_WORKER__{k}": v for k, v in env.items()})
-        self.log_path = log_path
-        self.log = open(log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "stream_worker", "run"], env=environ, cwd=REPO,
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    def metric(self, name: str) -> float:
-        """Sum of all samples of ``name`` on /metrics."""
-        _, text = self.get("/metrics")
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name + " ") or line.startswith(name + "{"))
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.tail()}")
-            try:
-                if self.get("/readyz")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"worker not ready after {timeout} s:\n{self.tail()}")
-
-    def terminate(self, timeout: float = 60) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(10)
-
-    def tail(self, lines: int = 30) -> str:
-        self.log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.kill()
-        self.log.close()
+def small_worker(bootstrap: str, topics: Topics, weights: Path, log_path: Path, **settings) -> WorkerProcess:
+    """A worker on the test's topics with a small model and small batches, so tests run fast."""
+    defaults = {
+        "kafka__bootstrap_servers": f"[{bootstrap}]",
+        "kafka__input_topics": f"[{topics.input}]",
+        "kafka__output_topic": topics.output,
+        "kafka__dead_letter_topic": topics.dead_letter,
+        "kafka__group_id": topics.group,
+        "kafka__session_timeout_ms": 10000,
+        "engine__weights": weights,
+        "engine__num_draws": 4,
+        "inputs__data_roots": f"[{DATA}]",
+        "batching__max_spectra": 16,
+        "batching__max_wait_seconds": 0.2,
+    }
+    return WorkerProcess(log_path, cwd=REPO, **{**defaults, **settings})
 
 
 def produce_spectra(bootstrap: str, topic: str, count: int, prefix: str, seed: int = 0) -> list[str]:

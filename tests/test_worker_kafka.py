@@ -13,6 +13,7 @@ from stream_worker.spectrum import Spectrum
 from tests.helpers import DWARF_FILE, GIANT_FILE
 from tests.streaming import (
     Topics, WorkerProcess, committed_total, consume, produce_raw, produce_spectra, records, small_weights,
+    small_worker,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -29,8 +30,8 @@ def workers(kafka_broker, weights, tmp_path):
     started: list[WorkerProcess] = []
 
     def start(topics: Topics, **settings) -> WorkerProcess:
-        worker = WorkerProcess(kafka_broker.bootstrap, topics, weights, tmp_path / f"worker{len(started)}.log",
-                               **settings)
+        worker = small_worker(kafka_broker.bootstrap, topics, weights, tmp_path / f"worker{len(started)}.log",
+                             **settings)
         started.append(worker)
         return worker
 

@@ -1,0 +1,115 @@
+"""The quickstart: a real broker, a real worker, real apStar files, printed results, clean stop.
+
+``python -m stream_worker.devtools.quickstart [FILES...]`` (run by ``scripts/quickstart``):
+starts a local Kafka broker, starts ``stream-worker run`` against it, publishes the coadds and
+visits of the given apStar files (default: the two DR17 files in ``tests/data``) — inline and
+by file reference — prints one line per result record, and shuts everything down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kafka import KafkaConsumer, KafkaProducer
+
+from ..apstar import read_apstar
+from ..messages import CONTENT_TYPE, encode_inline, encode_reference
+from .kafka_broker import LocalKafka
+from .worker_process import WorkerProcess
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_FILES = sorted((REPO / "tests" / "data").glob("apStar-*.fits"))
+TOPICS = {"input": "apogee.spectra", "output": "apogee.results", "dead_letter": "apogee.deadletter"}
+
+
+def _publish(bootstrap: str, files: list[Path]) -> list[str]:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    ids = []
+    for path in files:
+        for spectrum in read_apstar(path, visits=True):
+            producer.send(TOPICS["input"], key=spectrum.spectrum_id.encode(), value=encode_inline(spectrum),
+                          headers=[("content-type", CONTENT_TYPE.encode())])
+            ids.append(spectrum.spectrum_id)
+        reference_id = f"{path.stem}:coadd(by reference)"
+        producer.send(TOPICS["input"], key=reference_id.encode(),
+                      value=encode_reference(str(path.resolve()), "coadd", reference_id))
+        ids.append(reference_id)
+    producer.send(TOPICS["input"], key=b"not-a-spectrum", value=b"this is not a spectrum message")
+    producer.flush()
+    producer.close()
+    return ids
+
+
+def _collect(bootstrap: str, topic: str, count: int, timeout: float) -> list:
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    messages, deadline = [], time.monotonic() + timeout
+    while len(messages) < count and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=500).values():
+            messages.extend(batch)
+    consumer.close()
+    return messages
+
+
+def _show(record: dict) -> str:
+    def value(name: str, digits: int) -> str:
+        v, e = record[name], record[f"e_{name}"]
+        return "      —" if v is None else f"{v:8.{digits}f} ± {e:.{digits}f}"
+
+    return (f"{record['spectrum_id']:<52} {record['spectrum_kind']:<6} teff {value('teff', 0)}  "
+            f"logg {value('logg', 2)}  [Fe/H] {value('fe_h', 2)}  flags {record['result_flags']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="*", type=Path, default=DEFAULT_FILES)
+    parser.add_argument("--weights", default=None, help="model weights for the worker (default: the config's)")
+    parser.add_argument("--timeout", type=float, default=300)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # its notes on our throwaway consumers are noise here
+    with tempfile.TemporaryDirectory(prefix="stream-worker-quickstart-") as tmp, LocalKafka(Path(tmp) / "kafka") as kafka:
+        print(f"kafka broker ready at {kafka.bootstrap}")
+        kafka.create_topic(TOPICS["input"], 3)
+        kafka.create_topic(TOPICS["output"], 3)
+        kafka.create_topic(TOPICS["dead_letter"], 1)
+        roots = sorted({str(p.resolve().parent) for p in args.files})
+        settings = {"kafka__bootstrap_servers": f"[{kafka.bootstrap}]", "inputs__data_roots": json.dumps(roots)}
+        if args.weights:
+            settings["engine__weights"] = str(Path(args.weights).resolve())
+        worker = WorkerProcess(Path(tmp) / "worker.log", cwd=REPO, **settings)
+        try:
+            worker.wait_ready(timeout=120)
+            print(f"worker ready; metrics on http://127.0.0.1:{worker.port}/metrics")
+            ids = _publish(kafka.bootstrap, args.files)
+            print(f"published {len(ids)} spectra (+1 deliberately broken message)\n")
+            results = [json.loads(m.value) for m in _collect(kafka.bootstrap, TOPICS["output"], len(ids), args.timeout)]
+            dead = _collect(kafka.bootstrap, TOPICS["dead_letter"], 1, 30)
+            for record in sorted(results, key=lambda r: r["spectrum_id"]):
+                print(_show(record))
+            if results:
+                print(f"\nmodel: {results[0]['model_name']} (sha256 {results[0]['weights_sha256'][:12]}…)")
+            for message in dead:
+                headers = dict(message.headers)
+                print(f"dead letter: key={message.key!r} reason={headers['dlq.reason'].decode()}: "
+                      f"{headers['dlq.message'].decode()}")
+            print(f"\nrecords published (worker metric): {worker.metric('stream_worker_records_published_total'):.0f}")
+            code = worker.terminate()
+            print(f"worker drained and stopped (exit {code})")
+        except Exception:
+            print(worker.tail(), file=sys.stderr)
+            raise
+        finally:
+            worker.close()
+    ok = len(results) == len(ids) and len(dead) == 1 and code == 0
+    print("quickstart OK" if ok else f"quickstart FAILED: {len(results)}/{len(ids)} results, {len(dead)} dead letters")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
