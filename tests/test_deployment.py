@@ -592,8 +592,7 @@ def test_dockerfile_copies_only_what_dockerignore_lets_through():
         *sources, _destination = arg.split()
         for source in sources:
             assert source.rstrip("/") in allowed, f"COPY {source} is excluded by .dockerignore"
-            # README.md is created by the packaging work (pyproject's readme); everything else is here.
-            assert (REPO / source).exists() or source == "README.md", f"COPY {source}: no such file"
+            assert (REPO / source).exists(), f"COPY {source}: no such file"
 
 
 def test_requirements_lock_pins_the_agreed_versions_with_hashes():
