@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import struct
@@ -66,7 +65,8 @@ def split(value: bytes) -> tuple[dict, bytes]:
     return json.loads(value[8 : 8 + length]), value[8 + length :]
 
 
-def consumed(value, key=b"key", offset=0, headers=None, topic="apogee.spectra", partition=0, timestamp=1_764_000_000_000):
+def consumed(value, key=b"key", offset=0, headers=None, topic="apogee.spectra", partition=0,
+             timestamp=1_764_000_000_000):
     """A message as kafka-python's consumer hands it over."""
     return ConsumerRecord(
         topic, partition, -1, offset, timestamp, 0, key, value, list(headers or []), None,
@@ -310,7 +310,8 @@ DECODE_ERRORS = [
      "invalid_field", False)
     for which in (0, -1, "visit1", "COADD", 1.5, True, None, [1], {"visit": 1})
 ] + [
-    ("which-2.0", frame({"schema_version": 1, "kind": "reference", "spectrum_id": "r", "path": "/x.fits", "which": 2.0}),
+    ("which-2.0",
+     frame({"schema_version": 1, "kind": "reference", "spectrum_id": "r", "path": "/x.fits", "which": 2.0}),
      "invalid_field", True),  # as float-n-pixels
 ]
 
@@ -392,7 +393,7 @@ def test_published_records_validate_against_the_result_schema(pipeline, spectra)
     ]
     batch = pipeline.run(messages)
     outgoing = _results(batch)
-    assert len(outgoing) == len(batch.outgoing) == len(batch.records) == 5 and batch.spectra == 5
+    assert len(outgoing) == len(batch.outgoing) == len(batch.records) == 5
     for out, message in zip(outgoing, messages):
         record = strict_json(out.value)
         RESULT_SCHEMA.validate(record)
