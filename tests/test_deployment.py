@@ -582,6 +582,23 @@ def test_dockerfile_runs_the_worker_as_non_root_with_a_healthcheck():
     assert "models" not in copied and ".pt" not in copied and not any(op == "ADD" for op, _ in instructions)
 
 
+def test_the_healthcheck_command_tells_a_live_worker_from_a_dead_one():
+    from stream_worker.devtools.kafka_broker import free_ports
+    from stream_worker.metrics import HealthServer, Metrics
+
+    (final_healthcheck,) = [arg for op, arg in dockerfile_instructions() if op == "HEALTHCHECK"]
+    argv = json.loads(final_healthcheck[final_healthcheck.index("CMD") + 3:])
+    assert argv[0] == "python"
+    (port,) = free_ports(1)
+    argv = [sys.executable, *[a.replace("127.0.0.1:9108", f"127.0.0.1:{port}") for a in argv[1:]]]
+    assert subprocess.run(argv, capture_output=True, timeout=30).returncode != 0  # nothing listening
+    server = HealthServer(Metrics(), lambda: (False, "no partitions assigned"), "127.0.0.1", port).start()
+    try:
+        assert subprocess.run(argv, capture_output=True, timeout=30).returncode == 0  # alive, even if not ready
+    finally:
+        server.stop()
+
+
 def test_dockerfile_copies_only_what_dockerignore_lets_through():
     allowed = [line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.startswith("!")]
