@@ -22,6 +22,7 @@ from importlib.resources import files
 import jsonschema
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka.consumer.fetcher import ConsumerRecord
@@ -38,8 +39,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::RuntimeWarning:stream_worker.preprocess"),  # numpy on garbage arrays
 ]
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-FUZZ_BATCH = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ_BATCH = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _schema(name: str) -> dict:
@@ -53,6 +54,15 @@ OUTPUT, DEAD = "apogee.results", "apogee.deadletter"
 
 # --------------------------------------------------------------------------------------------
 # the data root: real apStar files and the things a path can point at
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny network runs fastest on one thread, and the test machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -378,11 +388,13 @@ def check_batch(pipeline, values: list[bytes | None], good: set[int]) -> dict[in
     return records
 
 
+GOOD_FLUX, GOOD_IVAR = synthetic_spectra(2, seed=8)
+GOOD_INLINE = [encode_inline(Spectrum(f"good{i}", GOOD_FLUX[i], GOOD_IVAR[i])) for i in range(2)]
+
+
 def good_values(root) -> list[bytes]:
-    flux, ivar = synthetic_spectra(2, seed=8)
-    return [encode_inline(Spectrum(f"good{i}", flux[i], ivar[i])) for i in range(2)] + [
-        encode_reference(f"{root}/dwarf.fits", 1, spectrum_id="good-ref")
-    ]
+    """Two inline spectra and a reference to a real file."""
+    return [*GOOD_INLINE, encode_reference(f"{root}/dwarf.fits", 1, spectrum_id="good-ref")]
 
 
 @FUZZ_BATCH
@@ -404,8 +416,7 @@ def test_batches_mixing_fuzzed_and_good_messages(pipeline, root, data):
 def test_batches_with_special_values_give_finite_or_null_numbers(pipeline, root, arrays, dtype):
     values = [frame(inline_header(spectrum_id=f"d{i}", dtype=dtype), f.astype(dtype).tobytes()
                     + s.astype(dtype).tobytes()) for i, (f, s) in enumerate(arrays)]
-    good = good_values(root)
-    records = check_batch(pipeline, values + good, set(range(len(values), len(values) + len(good))))
+    records = check_batch(pipeline, [*values, GOOD_INLINE[0]], {len(values)})
     for record in records.values():
         if record["teff"] is None:
             assert record["result_flags"] == 1 and record["error_message"]

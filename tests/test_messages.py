@@ -87,6 +87,15 @@ def dlq_headers(outgoing) -> dict[str, str]:
     return {k: v.decode() for k, v in outgoing.headers if k.startswith("dlq.")}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny network runs fastest on one thread, and the test machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def spectra():
     return synthetic_spectra(4, seed=21)
