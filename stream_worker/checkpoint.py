@@ -26,7 +26,7 @@ class PublishError(RuntimeError):
 
 
 class Checkpoint:
-    def __init__(self, consumer, producer, exactly_once: bool, flush_timeout_s: float = 120.0) -> None:
+    def __init__(self, consumer, producer, exactly_once: bool, flush_timeout_s: float = 60.0) -> None:
         self.consumer = consumer
         self.producer = producer
         self.exactly_once = exactly_once
@@ -70,9 +70,14 @@ class Checkpoint:
             self.producer.commit_transaction()
             self.in_transaction = False
         else:
-            self.consumer.commit(offsets)
+            self.consumer.commit(offsets, timeout_ms=int(self.flush_timeout_s * 1000))
         log.debug("committed %s", {f"{tp.topic}[{tp.partition}]": o for tp, o in self.next_offsets.items()})
         self._clear()
+
+    def keep_only(self, partitions) -> None:
+        """Forgets consumed offsets of partitions no longer assigned (after a rebalance)."""
+        for tp in [tp for tp in self.next_offsets if tp not in partitions]:
+            del self.next_offsets[tp], self.first_offsets[tp]
 
     def rewind(self) -> None:
         """Gives up the uncommitted batch: aborts the transaction (exactly-once) and seeks back,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 from kafka import KafkaConsumer, KafkaProducer
 
@@ -69,3 +71,36 @@ def make_producer(config: Config) -> KafkaProducer:
     if kafka.delivery == "exactly_once":
         producer.init_transactions()
     return producer
+
+
+class BrokerProbe:
+    """Whether any bootstrap server accepts a TCP connection, checked at most every
+    ``interval`` seconds. Independent of the clients, so readiness stays truthful while the
+    main thread is blocked in a flush or commit waiting for a broker that has gone."""
+
+    def __init__(self, bootstrap_servers: list[str], interval: float = 2.0, timeout: float = 1.0) -> None:
+        self.addresses = [_host_port(server) for server in bootstrap_servers]
+        self.interval = interval
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._checked_at = -float("inf")
+        self._reachable = False
+
+    def reachable(self) -> bool:
+        with self._lock:
+            if time.monotonic() - self._checked_at >= self.interval:
+                self._reachable = any(self._connects(address) for address in self.addresses)
+                self._checked_at = time.monotonic()
+            return self._reachable
+
+    def _connects(self, address: tuple[str, int]) -> bool:
+        try:
+            socket.create_connection(address, timeout=self.timeout).close()
+            return True
+        except OSError:
+            return False
+
+
+def _host_port(server: str) -> tuple[str, int]:
+    host, _, port = server.rpartition(":")
+    return host.strip("[]") or "localhost", int(port or 9092)

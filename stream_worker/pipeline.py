@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from kafka.structs import TopicPartition
 
 from .apstar import read_apstar_spectra
 from .inference import Estimator
@@ -45,14 +46,37 @@ class DeadLetter:
 
 
 @dataclass
-class BatchResult:
-    """What one batch produced; ``records`` and ``dead_letters`` feed the metrics."""
+class Item:
+    """One input message's outcome: its result record or its dead letter, and what to publish."""
 
-    outgoing: list[Outgoing] = field(default_factory=list)
-    records: list[dict] = field(default_factory=list)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
-    spectra: int = 0
+    source: TopicPartition
+    outgoing: Outgoing
+    record: dict | None = None
+    dead_letter: DeadLetter | None = None
+
+
+@dataclass
+class BatchResult:
+    """What one batch produced, message by message (in input order)."""
+
+    items: list[Item] = field(default_factory=list)
     inference_seconds: float = 0.0
+
+    @property
+    def outgoing(self) -> list[Outgoing]:
+        return [item.outgoing for item in self.items]
+
+    @property
+    def records(self) -> list[dict]:
+        return [item.record for item in self.items if item.record is not None]
+
+    @property
+    def dead_letters(self) -> list[DeadLetter]:
+        return [item.dead_letter for item in self.items if item.dead_letter is not None]
+
+    def only_from(self, partitions: set[TopicPartition]) -> BatchResult:
+        """The part of the batch whose inputs come from ``partitions`` (those still owned after a rebalance)."""
+        return BatchResult([item for item in self.items if item.source in partitions], self.inference_seconds)
 
 
 class FileReader:
@@ -100,48 +124,49 @@ class Pipeline:
 
     def run(self, messages: list) -> BatchResult:
         result = BatchResult()
-        accepted: list[tuple[object, Spectrum]] = []
-        for message in messages:
+        accepted: list[tuple[int, object, Spectrum]] = []
+        done: dict[int, Item] = {}
+        for index, message in enumerate(messages):
             try:
-                accepted.append((message, self.decode(message)))
+                accepted.append((index, message, self.decode(message)))
             except InputError as exc:
-                self._dead_letter(result, message, exc.reason, str(exc))
+                done[index] = self._dead_letter(message, exc.reason, str(exc))
             except Exception as exc:  # a bug or an unforeseen input must not stop the stream
                 log.exception("unexpected error decoding %s", _where(message))
-                self._dead_letter(result, message, "internal_error", f"{type(exc).__name__}: {exc}")
+                done[index] = self._dead_letter(message, "internal_error", f"{type(exc).__name__}: {exc}")
         if accepted:
             started = time.perf_counter()
             records = self.estimator.estimate(
-                np.stack([s.flux for _, s in accepted]),
-                np.stack([s.ivar for _, s in accepted]),
-                [s.spectrum_id for _, s in accepted],
+                np.stack([s.flux for _, _, s in accepted]),
+                np.stack([s.ivar for _, _, s in accepted]),
+                [s.spectrum_id for _, _, s in accepted],
             )
             result.inference_seconds = time.perf_counter() - started
-            result.spectra = len(accepted)
-            for (message, spectrum), record in zip(accepted, records):
+            for (index, message, spectrum), record in zip(accepted, records):
                 full = output_record(record, spectrum, message)
-                result.records.append(full)
-                result.outgoing.append(
-                    Outgoing(
-                        self.output_topic,
-                        spectrum.spectrum_id.encode(),
-                        encode_result(full),
-                        [("content-type", RESULT_CONTENT_TYPE.encode())],
-                    )
+                outgoing = Outgoing(
+                    self.output_topic, spectrum.spectrum_id.encode(), encode_result(full),
+                    [("content-type", RESULT_CONTENT_TYPE.encode())],
                 )
+                done[index] = Item(_source(message), outgoing, record=full)
+        result.items = [done[index] for index in range(len(messages))]
         return result
 
-    def _dead_letter(self, result: BatchResult, message, reason: str, text: str) -> None:
+    def _dead_letter(self, message, reason: str, text: str) -> Item:
         log.warning("dead-lettering %s: [%s] %s", _where(message), reason, text,
                     extra={"reason": reason, "topic": message.topic, "partition": message.partition,
                            "offset": message.offset})
-        result.dead_letters.append(DeadLetter(reason, text))
         headers = dead_letter_headers(message.headers, reason, text, message.topic, message.partition, message.offset)
         value = message.value or b""
         if len(value) > self.max_message_bytes:  # would not fit the producer's limit: keep the evidence, not the bytes
             headers.append(("dlq.original_size", str(len(value)).encode()))
             value = b""
-        result.outgoing.append(Outgoing(self.dead_letter_topic, message.key, value, headers))
+        outgoing = Outgoing(self.dead_letter_topic, message.key, value, headers)
+        return Item(_source(message), outgoing, dead_letter=DeadLetter(reason, text))
+
+
+def _source(message) -> TopicPartition:
+    return TopicPartition(message.topic, message.partition)
 
 
 def _where(message) -> str:

@@ -6,8 +6,9 @@ the engine thread, and while the engine works it keeps polling with every partit
 no more data is fetched (backpressure), yet the member stays in its group however slow the
 batch (a slow batch cannot make the group thrash), rebalances are served, and SIGTERM is seen.
 Results and dead letters are then published and the offsets committed by the
-:class:`~stream_worker.checkpoint.Checkpoint`. When partitions are revoked, the batch in hand
-is finished and committed first, so nothing is committed that was not published.
+:class:`~stream_worker.checkpoint.Checkpoint`. When a rebalance takes partitions away, the
+uncommitted work of those partitions is dropped — neither published nor committed here — and
+their new owner processes it from the last commit, so nothing is committed that was not published.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import logging
 import signal
 import threading
 import time
+from typing import Callable
 
 from kafka import ConsumerRebalanceListener
 from kafka.errors import ProducerFencedError
+from kafka.structs import TopicPartition
 
 from .checkpoint import Checkpoint
 from .config import Config
@@ -59,7 +62,8 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 class Worker:
-    def __init__(self, config: Config, pipeline: Pipeline, consumer, producer, metrics: Metrics) -> None:
+    def __init__(self, config: Config, pipeline: Pipeline, consumer, producer, metrics: Metrics,
+                 broker_reachable: Callable[[], bool]) -> None:
         self.config = config
         self.pipeline = pipeline
         self.consumer = consumer
@@ -69,8 +73,8 @@ class Worker:
         self.stopping = threading.Event()
         self.stop_deadline: float | None = None
         self.pending: list = []
-        self.in_flight: concurrent.futures.Future | None = None
-        self.broker_reachable = True
+        self.rebalanced = threading.Event()
+        self.broker_reachable = broker_reachable
         self.last_lag_refresh = 0.0
         self.assigned: set = set()
 
@@ -79,7 +83,7 @@ class Worker:
     def ready(self) -> tuple[bool, str]:
         if not self.assigned:
             return False, "no partitions assigned"
-        if not self.broker_reachable:
+        if not self.broker_reachable():
             return False, "broker unreachable"
         return True, "ready"
 
@@ -94,9 +98,15 @@ class Worker:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
+        for topic in self.config.kafka.input_topics:
+            # Known partitions before the first join: a group leader without the topic's metadata
+            # assigns nothing, and the rejoin that follows can stall the group.
+            if not self.consumer.partitions_for_topic(topic):
+                log.warning("input topic %s does not exist (yet); waiting for it to appear", topic)
         self.consumer.subscribe(self.config.kafka.input_topics, listener=_Rebalance(self))
         log.info("consuming %s as group %s (%s)", self.config.kafka.input_topics, self.config.kafka.group_id,
                  self.config.kafka.delivery)
+        self.metrics.ready.set_function(lambda: int(self.ready()[0]))
         exit_code = 0
         try:
             while not self.stopping.is_set():
@@ -112,12 +122,18 @@ class Worker:
         return exit_code
 
     def _close(self) -> None:
-        self.metrics.ready.set(0)
+        self.metrics.ready.set_function(lambda: 0)
         self.consumer.close(autocommit=False)
         self.producer.close(timeout=10)
         log.info("stopped")
 
     # ------------------------------------------------------------------ consume
+
+    def _poll(self, timeout_ms: int, max_records: int | None = None) -> dict:
+        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        if self.rebalanced.is_set():
+            self._after_rebalance()
+        return polled
 
     def _collect(self) -> None:
         """Polls until the batch is full, or ``max_wait_seconds`` after its first message."""
@@ -127,7 +143,7 @@ class Worker:
             timeout_ms = self.config.worker.poll_timeout_ms
             if deadline is not None:
                 timeout_ms = max(0, min(timeout_ms, int((deadline - time.monotonic()) * 1000)))
-            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=batching.max_spectra - len(self.pending))
+            polled = self._poll(timeout_ms, max_records=batching.max_spectra - len(self.pending))
             for messages in polled.values():
                 for message in messages:
                     self.pending.append(message)
@@ -148,38 +164,30 @@ class Worker:
         started = time.monotonic()
         messages, self.pending = self.pending, []
         self.metrics.batch_size.observe(len(messages))
-        self.in_flight = _in_thread(self.pipeline.run, messages)
-        paused = self.consumer.assignment()
-        self.consumer.pause(*paused)
+        batch = _in_thread(self.pipeline.run, messages)
+        self.consumer.pause(*self.consumer.assignment())
         try:
-            while self.in_flight is not None and not self.in_flight.done():
+            while not batch.done():
                 if self.stop_deadline is not None and time.monotonic() > self.stop_deadline:
                     log.warning("grace period over with a batch of %d in the engine: abandoning it uncommitted "
                                 "(it will be redelivered)", len(messages))
-                    self.in_flight = None
                     return
-                self.consumer.poll(timeout_ms=self.config.worker.poll_timeout_ms)
+                self._poll(self.config.worker.poll_timeout_ms)
         finally:
-            still_assigned = self.consumer.assignment()
-            self.consumer.resume(*[tp for tp in paused if tp in still_assigned])
-        if self.in_flight is not None:  # not already finished by a rebalance
-            self._finish_in_flight()
-        self.metrics.batch_seconds.observe(time.monotonic() - started)
-        slow = time.monotonic() - started
-        if slow > 0.5 * self.config.kafka.max_poll_interval_ms / 1000:
-            log.warning("batch took %.1f s, over half of kafka.max_poll_interval_ms", slow)
-
-    def _finish_in_flight(self) -> None:
-        future, self.in_flight = self.in_flight, None
+            self.consumer.resume(*self.consumer.assignment())
         try:
-            result = future.result()
+            result = batch.result()
         except Exception:
             log.exception("engine failed on a whole batch; it will be consumed again")
             self.metrics.batch_failures.labels(stage="engine").inc()
             self.checkpoint.rewind()
             time.sleep(RETRY_BACKOFF_SECONDS)
             return
-        self._publish_and_commit(result)
+        self._publish_and_commit(result.only_from(self.consumer.assignment()))
+        elapsed = time.monotonic() - started
+        self.metrics.batch_seconds.observe(elapsed)
+        if elapsed > 0.5 * self.config.kafka.max_poll_interval_ms / 1000:
+            log.warning("batch took %.1f s, over half of kafka.max_poll_interval_ms", elapsed)
 
     def _publish_and_commit(self, result: BatchResult) -> None:
         stage = "publish"
@@ -194,21 +202,20 @@ class Worker:
             log.error("%s failed (%s: %s); the batch stays uncommitted and will be processed again",
                       stage, type(exc).__name__, exc)
             self.metrics.batch_failures.labels(stage=stage).inc()
-            self.broker_reachable = False
             self.checkpoint.rewind()
             time.sleep(RETRY_BACKOFF_SECONDS)
             return
-        self.broker_reachable = True
         self._count(result)
 
     def _count(self, result: BatchResult) -> None:
         now = time.time()
-        self.metrics.spectra_processed.inc(result.spectra)
+        records = result.records
+        self.metrics.spectra_processed.inc(len(records))
         self.metrics.inference_seconds.observe(result.inference_seconds)
-        self.metrics.count_published(result.records)
+        self.metrics.count_published(records)
         for dead in result.dead_letters:
             self.metrics.dead_letters.labels(reason=dead.reason).inc()
-        for record in result.records:
+        for record in records:
             if record.get("input_timestamp_ms"):
                 self.metrics.latency.observe(max(0.0, now - record["input_timestamp_ms"] / 1000))
         self.metrics.last_success.set(now)
@@ -217,35 +224,37 @@ class Worker:
     # ------------------------------------------------------------------ rebalance
 
     def on_revoked(self, revoked) -> None:
-        """Finish what was consumed before the partitions move, so the next owner starts after it."""
+        """Runs on kafka-python's IO thread, which also drives heartbeats: it must not block,
+        so it only takes note. The main thread reconciles after its next poll."""
         log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
-        if self.in_flight is not None:
-            self._finish_in_flight()
-        elif self.pending:
-            messages, self.pending = self.pending, []
-            self.in_flight = _in_thread(self.pipeline.run, messages)
-            self._finish_in_flight()
         self.assigned -= set(revoked)
-        for tp in revoked:
-            self.metrics.consumer_lag.remove(tp.topic, str(tp.partition)) if self._has_lag(tp) else None
-        self.metrics.ready.set(int(self.ready()[0]))
+        self.rebalanced.set()
 
     def on_assigned(self, assigned) -> None:
         log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
         self.assigned |= set(assigned)
-        self.last_lag_refresh = 0.0
-        self.metrics.ready.set(int(self.ready()[0]))
+        self.rebalanced.set()
 
-    def _has_lag(self, tp) -> bool:
-        return (tp.topic, str(tp.partition)) in {
-            (s.labels["topic"], s.labels["partition"])
-            for metric in self.metrics.consumer_lag.collect() for s in metric.samples
-        }
+    def _after_rebalance(self) -> None:
+        """Abandons the uncommitted work of partitions this worker lost (their new owner redoes
+        it, and nothing of it is published or committed here) and keeps going where it was on
+        the partitions it kept."""
+        self.rebalanced.clear()
+        owned = self.consumer.assignment()
+        self.pending = [m for m in self.pending if TopicPartition(m.topic, m.partition) in owned]
+        self.checkpoint.keep_only(owned)
+        for tp, offset in self.checkpoint.next_offsets.items():
+            self.consumer.seek(tp, offset)
+        for metric in self.metrics.consumer_lag.collect():
+            for sample in metric.samples:
+                if TopicPartition(sample.labels["topic"], int(sample.labels["partition"])) not in owned:
+                    self.metrics.consumer_lag.remove(sample.labels["topic"], sample.labels["partition"])
+        self.last_lag_refresh = 0.0
 
     # ------------------------------------------------------------------ lag
 
     def _refresh_lag(self) -> None:
-        """Lag per partition = end offset - position; a failed lookup marks the broker unreachable."""
+        """Lag per partition = end offset - position, every few seconds."""
         if time.monotonic() - self.last_lag_refresh < LAG_REFRESH_SECONDS or not self.assigned:
             return
         self.last_lag_refresh = time.monotonic()
@@ -257,18 +266,14 @@ class Worker:
                 if position is not None and tp in ends:
                     self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
                         max(0, ends[tp] - position))
-            self.broker_reachable = True
         except Exception as exc:
-            if self.broker_reachable:
-                log.warning("cannot reach the broker for offsets: %s: %s", type(exc).__name__, exc)
-            self.broker_reachable = False
-        self.metrics.ready.set(int(self.ready()[0]))
+            log.warning("cannot read partition end offsets for the lag: %s: %s", type(exc).__name__, exc)
 
 
 def build_worker(config: Config) -> tuple[Worker, HealthServer | None]:
     """Everything ``stream-worker run`` needs, wired from the config (the I/O edges live here)."""
     from .inference import Estimator
-    from .kafka_io import make_consumer, make_producer
+    from .kafka_io import BrokerProbe, make_consumer, make_producer
 
     metrics = Metrics()
     estimator = Estimator.from_config(config.engine)
@@ -277,7 +282,8 @@ def build_worker(config: Config) -> tuple[Worker, HealthServer | None]:
         estimator, FileReader(config.inputs.data_roots), config.kafka.output_topic, config.kafka.dead_letter_topic,
         config.inputs.max_message_bytes,
     )
-    worker = Worker(config, pipeline, make_consumer(config), make_producer(config), metrics)
+    worker = Worker(config, pipeline, make_consumer(config), make_producer(config), metrics,
+                    BrokerProbe(config.kafka.bootstrap_servers).reachable)
     health = None
     if config.metrics.enabled:
         health = HealthServer(metrics, worker.ready, config.metrics.host, config.metrics.port).start()
