@@ -8,3 +8,22 @@ pytest_plugins = ["tests.services"]
 @pytest.fixture(scope="session")
 def tiny_model():
     return small_model()
+
+
+@pytest.fixture
+def worker_factory(tmp_path_factory, tmp_path):
+    """``factory(broker, topics, module=..., extra_env=..., **settings)`` starts a small-model
+    worker process; every worker still running at the end of the test is killed."""
+    from tests.streaming import small_weights, small_worker
+
+    weights = small_weights(tmp_path_factory.getbasetemp())
+    started = []
+
+    def start(broker, topics, **settings):
+        worker = small_worker(broker.bootstrap, topics, weights, tmp_path / f"worker{len(started)}.log", **settings)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.close()

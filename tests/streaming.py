@@ -42,7 +42,8 @@ class Topics:
         return self
 
 
-def small_worker(bootstrap: str, topics: Topics, weights: Path, log_path: Path, **settings) -> WorkerProcess:
+def small_worker(bootstrap: str, topics: Topics, weights: Path, log_path: Path, module: str = "stream_worker",
+                 extra_env: dict | None = None, **settings) -> WorkerProcess:
     """A worker on the test's topics with a small model and small batches, so tests run fast."""
     defaults = {
         "kafka__bootstrap_servers": f"[{bootstrap}]",
@@ -57,7 +58,7 @@ def small_worker(bootstrap: str, topics: Topics, weights: Path, log_path: Path, 
         "batching__max_spectra": 16,
         "batching__max_wait_seconds": 0.2,
     }
-    return WorkerProcess(log_path, cwd=REPO, **{**defaults, **settings})
+    return WorkerProcess(log_path, cwd=REPO, module=module, extra_env=extra_env, **{**defaults, **settings})
 
 
 def produce_spectra(bootstrap: str, topic: str, count: int, prefix: str, seed: int = 0) -> list[str]:
@@ -73,6 +74,23 @@ def produce_spectra(bootstrap: str, topic: str, count: int, prefix: str, seed: i
     producer.flush()
     producer.close()
     return ids
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.05) -> float:
+    """Seconds until ``condition()`` held; fails the test with ``what`` after ``timeout``."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+    return time.monotonic() - started
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def produce_raw(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]) -> None:

@@ -12,32 +12,15 @@ from stream_worker.records import RESULT_FIELDS
 from stream_worker.spectrum import Spectrum
 from tests.helpers import DWARF_FILE, GIANT_FILE
 from tests.streaming import (
-    Topics, WorkerProcess, committed_total, consume, produce_raw, produce_spectra, records, small_weights,
-    small_worker,
+    Topics, committed_total, consume, produce_raw, produce_spectra, records,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture
-def weights(tmp_path_factory):
-    return small_weights(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture
-def workers(kafka_broker, weights, tmp_path):
-    """Starts workers on demand; kills any left running at the end of the test."""
-    started: list[WorkerProcess] = []
-
-    def start(topics: Topics, **settings) -> WorkerProcess:
-        worker = small_worker(kafka_broker.bootstrap, topics, weights, tmp_path / f"worker{len(started)}.log",
-                             **settings)
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.close()
+def workers(kafka_broker, worker_factory):
+    return lambda topics, **settings: worker_factory(kafka_broker, topics, **settings)
 
 
 def test_n_inputs_give_n_records_with_every_field(kafka_broker, workers):

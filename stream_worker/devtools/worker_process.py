@@ -19,16 +19,19 @@ from .kafka_broker import free_ports
 
 
 class WorkerProcess:
-    def __init__(self, log_path: Path, cwd: Path | None = None, **settings) -> None:
-        """``settings`` are config keys as ``section__key=value`` (e.g. ``kafka__group_id="g"``)."""
+    def __init__(self, log_path: Path, cwd: Path | None = None, module: str = "stream_worker",
+                 extra_env: dict | None = None, **settings) -> None:
+        """``settings`` are config keys as ``section__key=value`` (e.g. ``kafka__group_id="g"``);
+        ``module`` is what ``python -m`` runs (tests substitute a fault-injecting wrapper)."""
         self.port = free_ports(1)[0]
         values = {"metrics__port": self.port, "metrics__host": "127.0.0.1", "logging__format": "text", **settings}
         environ = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_WORKER__")}
         environ.update({f"STREAM_WORKER__{k.upper()}": str(v) for k, v in values.items()})
+        environ.update(extra_env or {})
         self.log_path = log_path
         self.log = open(log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "stream_worker", "run"], env=environ, cwd=cwd,
+            [sys.executable, "-m", module, "run"], env=environ, cwd=cwd,
             stdout=self.log, stderr=subprocess.STDOUT,
         )
 

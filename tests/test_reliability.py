@@ -1,0 +1,143 @@
+"""Faults production will inflict, injected against the real broker: nothing may be lost."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+import pytest
+
+from tests.streaming import Topics, consume, produce_spectra, records, rss_bytes, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def published(worker) -> float:
+    return worker.metric("stream_worker_records_published_total")
+
+
+def ids_of(messages) -> list[str]:
+    return [r["spectrum_id"] for r in records(messages)]
+
+
+def test_broker_restart_mid_stream(restartable_kafka, worker_factory):
+    broker = restartable_kafka
+    topics = Topics().create(broker)
+    worker = worker_factory(broker, topics, batching__max_spectra=8, engine__num_draws=20)
+    worker.wait_ready()
+    first = produce_spectra(broker.bootstrap, topics.input, 100, "before")
+    wait_until(lambda: published(worker) >= 8, 60, "first results")
+    broker.stop()
+    not_ready_after = wait_until(lambda: worker.get("/readyz")[0] == 503, 30, "readiness to drop")
+    broker.start()
+    broker.wait_ready()
+    restarted = time.monotonic()
+    ready_after = wait_until(lambda: worker.get("/readyz")[0] == 200, 90, "readiness to return", interval=0.2)
+    second = produce_spectra(broker.bootstrap, topics.input, 50, "after")
+    out = ids_of(consume(broker.bootstrap, topics.output, 150, timeout=180, settle=2))
+    assert set(out) == set(first + second)
+    print(f"\nbroker restart: not ready {not_ready_after:.1f} s after the stop, ready again {ready_after:.1f} s "
+          f"after the restart; {len(out)} records for 150 inputs ({len(out) - len(set(out))} duplicates); "
+          f"recovered in {time.monotonic() - restarted:.1f} s")
+    assert worker.terminate() == 0
+
+
+def test_kill_after_publishing_before_committing(kafka_broker, worker_factory):
+    topics = Topics().create(kafka_broker)
+    ids = produce_spectra(kafka_broker.bootstrap, topics.input, 60, "precommit")
+    doomed = worker_factory(kafka_broker, topics, module="tests.fault_worker", batching__max_spectra=8,
+                            extra_env={"FAULT_KILL_AT_COMMIT": "3"})
+    assert doomed.process.wait(60) == -9  # SIGKILL at the third commit, its records already published
+    survivor = worker_factory(kafka_broker, topics, batching__max_spectra=8)
+    survivor.wait_ready()
+    out = records(consume(kafka_broker.bootstrap, topics.output, 61, timeout=90, settle=2))
+    by_id: dict[str, list] = {}
+    for record in out:
+        by_id.setdefault(record["spectrum_id"], []).append(record)
+    assert set(by_id) == set(ids)
+    duplicated = [copies for copies in by_id.values() if len(copies) > 1]
+    assert duplicated, "the uncommitted batch must have been processed again"
+    for copies in duplicated:  # and its duplicates carry the same numbers, so de-duplication is safe
+        assert len({(c["teff"], c["logg"], c["fe_h"], c["raw_e_teff"]) for c in copies}) == 1
+    print(f"\nkill before commit: {len(ids)} inputs, {len(out)} records, {len(duplicated)} duplicated")
+    assert survivor.terminate() == 0
+
+
+def test_kill_while_idle_and_while_inferring(kafka_broker, worker_factory):
+    topics = Topics().create(kafka_broker)
+    idle = worker_factory(kafka_broker, topics)
+    idle.wait_ready()
+    idle.kill()  # while fetching: nothing consumed yet
+    ids = produce_spectra(kafka_broker.bootstrap, topics.input, 40, "stage")
+    busy = worker_factory(kafka_broker, topics, module="tests.fault_worker", extra_env={"FAULT_SLOW_BATCH_S": "120"})
+    busy.wait_ready()
+    wait_until(lambda: busy.metric("stream_worker_in_flight_spectra") > 0, 30, "a batch in the engine")
+    busy.kill()  # while inferring
+    assert len(consume(kafka_broker.bootstrap, topics.output, 1, timeout=2)) == 0
+    survivor = worker_factory(kafka_broker, topics)
+    survivor.wait_ready()
+    assert sorted(ids_of(consume(kafka_broker.bootstrap, topics.output, 40, timeout=90, settle=1))) == sorted(ids)
+    assert survivor.terminate() == 0
+
+
+def test_a_batch_slower_than_the_poll_interval_does_not_make_the_group_thrash(kafka_broker, worker_factory):
+    topics = Topics().create(kafka_broker, partitions=2)
+    ids = produce_spectra(kafka_broker.bootstrap, topics.input, 30, "hung")
+    settings = dict(kafka__session_timeout_ms=6000, kafka__max_poll_interval_ms=8000)
+    slow = worker_factory(kafka_broker, topics, module="tests.fault_worker", extra_env={"FAULT_SLOW_BATCH_S": "20"},
+                          **settings)
+    slow.wait_ready()
+    other = worker_factory(kafka_broker, topics, **settings)
+    other.wait_ready()
+    out = ids_of(consume(kafka_broker.bootstrap, topics.output, 30, timeout=120, settle=3))
+    assert sorted(out) == sorted(ids)  # every spectrum once: the slow worker was never evicted
+    assert slow.terminate() == 0 and other.terminate() == 0
+    log = slow.tail(300).split("stop requested")[0]
+    assert "failed" not in log, log
+    # the batch outlived max_poll_interval_ms (8 s) by far after the last rebalance (the second worker
+    # joining), and the slow worker kept its partition all along: it was never evicted
+    stamps = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f") for line in log.splitlines()
+              if "partitions " in line or "batch took" in line]
+    assert "batch took" in log.splitlines()[-1] or "batch took" in log, log
+    last_rebalance, batch_done = stamps[-2], stamps[-1]
+    assert (batch_done - last_rebalance).total_seconds() > 8, log
+
+
+def test_burst_of_10000_and_soak_keep_memory_flat(kafka_broker, worker_factory):
+    topics = Topics().create(kafka_broker, partitions=4)
+    worker = worker_factory(kafka_broker, topics, batching__max_spectra=64, engine__num_draws=2)
+    worker.wait_ready()
+    burst = produce_spectra(kafka_broker.bootstrap, topics.input, 10_000, "burst")
+    started = time.monotonic()
+    wait_until(lambda: published(worker) >= 2_000, 600, "the first 2,000 results", interval=1)
+    rss_start = rss_bytes(worker.process.pid)
+    wait_until(lambda: published(worker) >= 10_000, 900, "the burst to drain", interval=1)
+    burst_seconds = time.monotonic() - started
+    soak_ids, soak_started = [], time.monotonic()
+    while time.monotonic() - soak_started < 120:  # a steady trickle for two minutes
+        soak_ids += produce_spectra(kafka_broker.bootstrap, topics.input, 50, f"soak{len(soak_ids)}")
+        time.sleep(1)
+    total = 10_000 + len(soak_ids)
+    wait_until(lambda: published(worker) >= total, 300, "the soak to drain", interval=1)
+    rss_end = rss_bytes(worker.process.pid)
+    wait_until(lambda: worker.metric("stream_worker_consumer_lag") == 0, 30, "lag to reach zero", interval=1)
+    out = ids_of(consume(kafka_broker.bootstrap, topics.output, total, timeout=300, settle=2))
+    assert len(out) == total and set(out) == set(burst + soak_ids)  # none lost, none duplicated
+    growth = (rss_end - rss_start) / 2**20
+    print(f"\nburst: 10,000 spectra in {burst_seconds:.0f} s ({10_000 / burst_seconds:.0f}/s); soak: {len(soak_ids)} "
+          f"more; RSS {rss_start / 2**20:.0f} MiB -> {rss_end / 2**20:.0f} MiB ({growth:+.0f} MiB)")
+    assert growth < 100
+    assert worker.terminate() == 0
+
+
+def test_secrets_never_reach_metrics_or_logs(kafka_broker, worker_factory):
+    topics = Topics().create(kafka_broker)
+    worker = worker_factory(kafka_broker, topics, extra_env={"STREAM_WORKER_SASL_PASSWORD": "hunter2-secret"})
+    worker.wait_ready()
+    produce_spectra(kafka_broker.bootstrap, topics.input, 3, "secret")
+    consume(kafka_broker.bootstrap, topics.output, 3)
+    _, metrics = worker.get("/metrics")
+    assert "hunter2" not in metrics and "password" not in metrics.lower()
+    assert kafka_broker.bootstrap not in metrics  # no infrastructure addresses either
+    assert worker.terminate() == 0
+    assert "hunter2" not in worker.log_path.read_text()
