@@ -122,22 +122,26 @@ def _progress(done: int, total: int, seconds: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    config_help = "config.yaml (defaults + environment if omitted)"
+    # --config is accepted before or after the sub-command; SUPPRESS keeps a later default from erasing an earlier value
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=config_help)
     parser = argparse.ArgumentParser(prog="stream-worker", description=__doc__)
-    parser.add_argument("--config", type=Path, default=None, help="config.yaml (defaults + environment if omitted)")
+    parser.add_argument("--config", type=Path, default=None, help=config_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    infer = sub.add_parser("infer", help="estimate parameters for apStar files")
+    infer = sub.add_parser("infer", parents=[common], help="estimate parameters for apStar files")
     infer.add_argument("files", nargs="+", type=Path)
     infer.add_argument("--visits", action="store_true", help="also each visit spectrum, not only the coadd")
     infer.add_argument("-o", "--output", default=None, help="out.fits | out.csv | out.jsonl (default: JSON lines on stdout)")
     _engine_options(infer)
     infer.set_defaults(func=cmd_infer)
 
-    run = sub.add_parser("run", help="run the streaming worker (Kafka in, Kafka out)")
+    run = sub.add_parser("run", parents=[common], help="run the streaming worker (Kafka in, Kafka out)")
     _engine_options(run)
     run.set_defaults(func=cmd_run)
 
-    produce = sub.add_parser("produce", help="publish apStar spectra as input messages")
+    produce = sub.add_parser("produce", parents=[common], help="publish apStar spectra as input messages")
     produce.add_argument("files", nargs="+", type=Path)
     produce.add_argument("--topic", default=None, help="default: the first of kafka.input_topics")
     produce.add_argument("--bootstrap", default=None, help="host:port[,host:port] (default: kafka.bootstrap_servers)")

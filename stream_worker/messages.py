@@ -16,6 +16,7 @@ a reason code) out.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,20 +111,26 @@ def decode_header(value: bytes | None) -> tuple[dict, memoryview]:
         )
     raw_header = bytes(value[_PREFIX.size : _PREFIX.size + header_length])
     try:
-        header = json.loads(raw_header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        header = json.loads(raw_header.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
         raise InputError("decode_error", f"header is not UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
         raise InputError("decode_error", f"header must be a JSON object, found {type(header).__name__}")
     version = header.get("schema_version")
-    if version not in SUPPORTED_VERSIONS:
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:  # JSON true is not version 1
         raise InputError(
             "schema_version", f"schema_version {version!r} is not supported (supported: {list(SUPPORTED_VERSIONS)})"
         )
     return header, memoryview(value)[_PREFIX.size + header_length :]
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
 def _field(header: dict, name: str, kinds: tuple, required: bool = False):
+    """A header field of one of ``kinds``: strings must be valid Unicode (they become Kafka keys
+    and UTF-8 headers), numbers finite (they become JSON)."""
     value = header.get(name)
     if value is None:
         if required:
@@ -132,7 +139,23 @@ def _field(header: dict, name: str, kinds: tuple, required: bool = False):
     if not isinstance(value, kinds) or isinstance(value, bool):
         expected = " or ".join(k.__name__ for k in kinds)
         raise InputError("invalid_field", f"header field {name!r} must be {expected}, found {value!r}")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError("invalid_field", f"header field {name!r} is not valid Unicode: {value!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError("invalid_field", f"header field {name!r} must be finite, found {value!r}")
     return value
+
+
+def _identity_fields(header: dict) -> dict:
+    """The optional identifying fields, type-checked, for inline and reference messages alike."""
+    return {
+        "source_id": _field(header, "source_id", (str,)),
+        "telescope": _field(header, "telescope", (str,)),
+        "mjd": _field(header, "mjd", (int, float)),
+    }
 
 
 def decode_input(value: bytes | None) -> Spectrum | FileReference:
@@ -146,7 +169,11 @@ def decode_input(value: bytes | None) -> Spectrum | FileReference:
         which = header.get("which", "coadd")
         if which != "coadd" and (not isinstance(which, int) or isinstance(which, bool) or which < 1):
             raise InputError("invalid_field", f"'which' must be \"coadd\" or a visit number >= 1, found {which!r}")
-        return FileReference(path=_field(header, "path", (str,), required=True), which=which, header=header)
+        return FileReference(
+            path=_field(header, "path", (str,), required=True),
+            which=which,
+            header={"spectrum_id": spectrum_id, **_identity_fields(header)},
+        )
     if kind != "inline":
         raise InputError("invalid_field", f"header field 'kind' must be 'inline' or 'reference', found {kind!r}")
     dtype = header.get("dtype")
@@ -169,12 +196,10 @@ def decode_input(value: bytes | None) -> Spectrum | FileReference:
         spectrum_id=spectrum_id,
         flux=flux,
         ivar=second if uncertainty == "ivar" else ivar_from_error(second),
-        source_id=_field(header, "source_id", (str,)),
         kind=spectrum_kind,
         visit=_field(header, "visit", (int,)),
-        telescope=_field(header, "telescope", (str,)),
-        mjd=_field(header, "mjd", (int, float)),
         origin="inline",
+        **_identity_fields(header),
     )
 
 
@@ -189,7 +214,7 @@ def dead_letter_headers(
     """The original headers plus why and where the message failed, for the dead-letter topic."""
     extra = {
         "dlq.reason": reason,
-        "dlq.message": message[:2000],
+        "dlq.message": message[:2000].encode("utf-8", "backslashreplace").decode(),
         "dlq.source.topic": topic,
         "dlq.source.partition": str(partition),
         "dlq.source.offset": str(offset),

@@ -88,18 +88,22 @@ class FileReader:
     def read(self, reference: FileReference) -> Spectrum:
         if not self.roots:
             raise InputError("path_not_allowed", "file references are disabled: inputs.data_roots is empty")
-        resolved = Path(os.path.realpath(reference.path))
+        try:
+            resolved = Path(os.path.realpath(reference.path))
+        except (ValueError, OSError) as exc:  # NUL bytes, over-long names
+            raise InputError("invalid_field", f"unusable path {reference.path!r}: {exc}") from None
         if not any(resolved == root or root in resolved.parents for root in self.roots):
             raise InputError(
                 "path_not_allowed",
                 f"{reference.path} is outside the allowed data roots ({', '.join(map(str, self.roots))})",
             )
-        (spectrum,) = read_apstar_spectra(resolved, [reference.which])
-        header = reference.header
-        spectrum.spectrum_id = header["spectrum_id"]
-        for name, attribute in (("source_id", "source_id"), ("telescope", "telescope"), ("mjd", "mjd")):
-            if header.get(name) is not None:
-                setattr(spectrum, attribute, header[name])
+        try:
+            (spectrum,) = read_apstar_spectra(resolved, [reference.which])
+        except OSError as exc:  # e.g. a path component longer than the filesystem allows
+            raise InputError("missing_file", f"{reference.path}: {exc}") from None
+        for name, value in reference.header.items():
+            if value is not None:
+                setattr(spectrum, name, value)
         return spectrum
 
 
@@ -144,10 +148,15 @@ class Pipeline:
             result.inference_seconds = time.perf_counter() - started
             for (index, message, spectrum), record in zip(accepted, records):
                 full = output_record(record, spectrum, message)
-                outgoing = Outgoing(
-                    self.output_topic, spectrum.spectrum_id.encode(), encode_result(full),
-                    [("content-type", RESULT_CONTENT_TYPE.encode())],
-                )
+                try:
+                    outgoing = Outgoing(
+                        self.output_topic, spectrum.spectrum_id.encode(), encode_result(full),
+                        [("content-type", RESULT_CONTENT_TYPE.encode())],
+                    )
+                except (ValueError, UnicodeError) as exc:  # one bad record must not fail the batch
+                    log.exception("cannot encode the record of %s", _where(message))
+                    done[index] = self._dead_letter(message, "internal_error", f"{type(exc).__name__}: {exc}")
+                    continue
                 done[index] = Item(_source(message), outgoing, record=full)
         result.items = [done[index] for index in range(len(messages))]
         return result

@@ -35,7 +35,7 @@ def error_from_ivar(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     no-information group; the SDSS code would give it a tiny error instead.)
     """
     ivar = np.asarray(ivar, dtype=np.float32)
-    ivar = np.where(np.isfinite(ivar), ivar, np.float32(0))
+    ivar = np.where(np.isfinite(ivar) & (ivar > 0), ivar, np.float32(0))
     with np.errstate(divide="ignore", invalid="ignore"):
         error = np.divide(np.float32(1), ivar) ** np.float32(0.5)
     if np.isinf(error).all():

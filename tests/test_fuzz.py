@@ -5,7 +5,7 @@ message per input, a result for every good input, and only standard JSON (no NaN
 in the results; and decoding does not accumulate memory.
 
 Generated strings contain no NUL and no surrogates, and path components stay short: those inputs
-hit known defects, pinned by the ``xfail`` tests at the end of this file.
+have targeted regression tests at the end of this file (each was a crash found by fuzzing).
 """
 
 from __future__ import annotations
@@ -135,9 +135,7 @@ INTERESTING = st.sampled_from([
 FIELD_VALUES = INTERESTING | JSON
 INLINE_FIELDS = ("schema_version", "kind", "spectrum_id", "source_id", "telescope", "spectrum_kind", "visit", "mjd",
                  "n_pixels", "dtype", "uncertainty")
-REFERENCE_FIELDS = ("schema_version", "kind", "spectrum_id", "path", "which")
-# A reference's source_id/telescope/mjd are left out: FileReader copies them unchecked
-# (test_messages.py::test_reference_identity_overrides_are_type_checked, xfail).
+REFERENCE_FIELDS = ("schema_version", "kind", "spectrum_id", "path", "which", "source_id", "telescope", "mjd")
 
 FLUX, IVAR = synthetic_spectra(1, seed=5)
 GOOD_PAYLOAD = {dtype: FLUX[0].astype(dtype).tobytes() + IVAR[0].astype(dtype).tobytes() for dtype in DTYPES}
@@ -176,8 +174,7 @@ def payloads(header) -> st.SearchStrategy[bytes]:
     return st.sampled_from([good, b"", GOOD_PAYLOAD["<f4"], GOOD_PAYLOAD["<f8"]]) | st.binary(max_size=64)
 
 
-# 1.0 is version 1 (for JSON Schema too); True == 1 in Python is accepted as well, a known defect
-# (test_messages.py::test_boolean_schema_version_is_not_version_1, xfail)
+# values equal to 1 (1, 1.0, true) are left to test_messages.py, which pins which of them is version 1
 UNKNOWN_VERSIONS = JSON.filter(lambda v: v != 1)
 
 PATH_PARTS = st.sampled_from(["..", ".", "", "dir", "giant.fits", "dwarf.fits", "notes.fits", "empty.fits",
@@ -477,7 +474,7 @@ def test_decoding_does_not_accumulate_memory(pipeline, root):
 
 
 # --------------------------------------------------------------------------------------------
-# known defects found by fuzzing (reported; the tests say what should happen)
+# regressions: crashes and wrong reasons that fuzzing found (fixed)
 
 
 def _with_raw_header(text: bytes, payload: bytes = GOOD_PAYLOAD["<f4"]) -> bytes:
@@ -494,35 +491,22 @@ NON_FINITE_MJD = [
 ]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="a non-finite header mjd (1e400 parses to inf; Python's json also takes NaN/Infinity) "
-                   "passes decoding, then encode_result(allow_nan=False) raises in Pipeline.run: the whole "
-                   "batch fails and is redelivered forever")
 @pytest.mark.parametrize("value", NON_FINITE_MJD)
 def test_non_finite_mjd_does_not_break_the_batch(pipeline, root, value):
     check_batch(pipeline, [value, *good_values(root)], {1, 2, 3})
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="a reference's header mjd is copied unchecked; a non-finite one breaks encode_result")
 def test_non_finite_reference_mjd_does_not_break_the_batch(pipeline, root):
     text = json.dumps({**reference_header(f"{root}/dwarf.fits"), "mjd": None}).replace('"mjd": null', '"mjd": NaN')
     check_batch(pipeline, [_with_raw_header(text.encode(), b""), *good_values(root)], {1, 2, 3})
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeEncodeError,
-                   reason="a spectrum_id with a lone surrogate (valid JSON: \"\\ud800\") is accepted; Pipeline.run "
-                   "then raises encoding the result key: the whole batch fails and is redelivered forever")
 @pytest.mark.parametrize("escape", ["\\ud800", "\\udfff", "a\\udc80b"])
 def test_lone_surrogate_spectrum_id_does_not_break_the_batch(pipeline, root, escape):
     text = json.dumps(inline_header(spectrum_id="PLACEHOLDER")).replace("PLACEHOLDER", escape).encode()
     check_batch(pipeline, [_with_raw_header(text), *good_values(root)], {1, 2, 3})
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeEncodeError,
-                   reason="a reference path with a surrogate-escaped character (\\udc80-\\udcff) reaches the "
-                   "dlq.message header, whose UTF-8 encoding raises in Pipeline._dead_letter: the whole batch "
-                   "fails and is redelivered forever")
 @pytest.mark.parametrize("where", ["outside", "missing-inside"])
 def test_surrogate_escaped_path_does_not_break_the_batch(pipeline, root, where):
     path = "/etc/PLACE" if where == "outside" else f"{root}/PLACE.fits"
@@ -530,10 +514,6 @@ def test_surrogate_escaped_path_does_not_break_the_batch(pipeline, root, where):
     check_batch(pipeline, [_with_raw_header(text, b""), *good_values(root)], {1, 2, 3})
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="FileReader.read lets ValueError (NUL byte, lone surrogate) and OSError "
-                   "(ENAMETOOLONG) escape from os.path.realpath/Path.exists instead of an InputError, so "
-                   "these references are dead-lettered as internal_error")
 @pytest.mark.parametrize(
     "path",
     ["{root}/a\x00b.fits", "/etc/\x00", "{root}/" + "a" * 300 + ".fits", "{root}/" + "a/" * 3000, "{root}/\ud800"],
@@ -551,9 +531,6 @@ def test_unusable_paths_have_a_documented_reason(pipeline, root, path):
         raise AssertionError("decoded")
 
 
-@pytest.mark.xfail(strict=True, reason="preprocess.error_from_ivar: when no pixel has a positive ivar but some are "
-                   "negative, sqrt(1/ivar) gives NaN rather than inf, the documented no-information fallback "
-                   "(0.1 * median flux) is skipped, and the spectrum gets flag_runtime_exception (NonFiniteOutput)")
 @pytest.mark.parametrize("fill", ["negative", "negative-and-zero"])
 def test_ivar_without_positive_pixels_means_no_information(pipeline, fill):
     ivar = np.full(N_PIXELS, -1.0, "<f4")

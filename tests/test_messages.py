@@ -757,11 +757,9 @@ def test_reference_dead_letters_through_the_pipeline(root, model):
 
 
 # ---------------------------------------------------------------------------------------------
-# known defects in stream_worker (reported; the tests document the expected behaviour)
+# regressions found by fuzzing (fixed)
 
 
-@pytest.mark.xfail(strict=True, reason="FileReader copies source_id/telescope/mjd from a reference header "
-                   "without the type checks inline headers get, so records can break result.v1.json")
 @pytest.mark.parametrize("override", [{"telescope": 5}, {"source_id": ["x"]}, {"mjd": "soon"}], ids=repr)
 def test_reference_identity_overrides_are_type_checked(pipeline, override):
     message = consumed(frame({"schema_version": 1, "kind": "reference", "spectrum_id": "r", "path": str(GIANT_FILE),
@@ -771,8 +769,6 @@ def test_reference_identity_overrides_are_type_checked(pipeline, override):
     assert caught.value.reason == "invalid_field"
 
 
-@pytest.mark.xfail(strict=True, reason="decode_header compares schema_version with `in (1,)`, so JSON true "
-                   "(== 1 in Python) is accepted as version 1")
 def test_boolean_schema_version_is_not_version_1():
     header = inline_header(schema_version=True)
     assert not HEADER_SCHEMA.is_valid(header)
