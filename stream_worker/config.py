@@ -67,6 +67,7 @@ class EngineConfig:
     device: str = "auto"
     num_draws: int = 20
     seed: int = 0
+    precision: str = "exact"
     batch_size: int | None = None
     chunk_spectra: int = 64
     num_threads: int | None = None
@@ -125,6 +126,7 @@ CHOICES = {
     "kafka.compression_type": (None, "gzip", "lz4", "zstd", "snappy"),
     "kafka.security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
     "kafka.sasl_mechanism": (None, "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+    "engine.precision": ("exact", "fast"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
     "logging.format": ("json", "text"),
 }

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .config import EngineConfig
+from .fused import FusedApogeeNet
 from .model import ApogeeNet, WeightsError, load_model, random_model, resolve_device
 from .preprocess import network_inputs, noise_draws
 from .records import result_record
@@ -36,11 +37,15 @@ class Estimator:
         device: str | torch.device | None = None,
         batch_size: int | None = None,
         chunk_spectra: int = 64,
+        precision: str = "exact",
     ) -> None:
         if num_draws < 0 or num_draws == 1:
             raise ValueError(f"num_draws must be 0 (no uncertainties) or at least 2, got {num_draws}")
         self.device = resolve_device(device) if device is not None else next(model.parameters()).device
-        self.model = model.eval().to(self.device)
+        model = model.eval().to(self.device)
+        # the fused form computes the same function faster; other modules (test doubles) run as given
+        self.model = FusedApogeeNet(model, precision) if isinstance(model, ApogeeNet) else model
+        self.precision = precision
         self.num_draws = int(num_draws)
         self.seed = 0 if seed is None else int(seed)
         self.batch_size = int(batch_size or (1024 if self.device.type == "cuda" else 16))
@@ -69,6 +74,7 @@ class Estimator:
             seed=engine.seed,
             batch_size=engine.batch_size,
             chunk_spectra=engine.chunk_spectra,
+            precision=engine.precision,
         )
 
     def estimate(self, flux: np.ndarray, ivar: np.ndarray, ids: Sequence[str] | None = None) -> list[dict]:
