@@ -51,7 +51,7 @@ class FusedResBlock(nn.Module):
 class FusedApogeeNet(nn.Module):
     """Takes and returns what :class:`ApogeeNet` does: ``(B, 1, L)`` → ``(B, 3)``."""
 
-    def __init__(self, model: ApogeeNet, precision: str = "exact") -> None:
+    def __init__(self, model: ApogeeNet, precision: str = "exact", trunk_rows: int = 16) -> None:
         super().__init__()
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -65,11 +65,19 @@ class FusedApogeeNet(nn.Module):
         self.weights_info = getattr(model, "weights_info", None)
         self.sizes = model.sizes
         self.precision = precision
+        self.trunk_rows = trunk_rows
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolutional trunk: ``(B, 1, L)`` → pooled features ``(B, C * pooled_length)``."""
         out = self.pos_enc(x).unsqueeze(2).contiguous(memory_format=torch.channels_last)
         out = F.max_pool2d(F.elu(self.first_conv(out), inplace=True), (1, 2)).to(self.block_dtype)
         for block in self.res_blocks:
             out = block(out)
-        out = self.adapt_pool(out.squeeze(2).float())
-        return self.linear_sequential(torch.flatten(out, 1))
+        return torch.flatten(self.adapt_pool(out.squeeze(2).float()), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk runs ``trunk_rows`` rows at a time (its activations stay in cache); the head
+        takes all rows at once, so its large first weight matrix is read once per call, not once
+        per small batch."""
+        features = torch.cat([self.features(part) for part in x.split(self.trunk_rows)])
+        return self.linear_sequential(features)

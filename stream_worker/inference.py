@@ -48,7 +48,7 @@ class Estimator:
         self.precision = precision
         self.num_draws = int(num_draws)
         self.seed = 0 if seed is None else int(seed)
-        self.batch_size = int(batch_size or (1024 if self.device.type == "cuda" else 16))
+        self.batch_size = int(batch_size or (1024 if self.device.type == "cuda" else 256))
         self.chunk_spectra = int(chunk_spectra)
         self.weights_info = model.weights_info
 
@@ -96,12 +96,7 @@ class Estimator:
     def _estimate_chunk(self, flux: np.ndarray, ivar: np.ndarray, ids: list[str]) -> list[dict]:
         started = time.perf_counter()
         outcomes: dict[int, Estimate | BaseException] = {}
-        blocks: dict[int, torch.Tensor] = {}
-        for i, spectrum_id in enumerate(ids):
-            try:
-                blocks[i] = self._input_block(flux[i], ivar[i], spectrum_id)
-            except Exception as exc:
-                outcomes[i] = exc
+        blocks = self._input_blocks(flux, ivar, ids, outcomes)
         outcomes.update(self._run_blocks(blocks))
         seconds = (time.perf_counter() - started) / max(len(ids), 1)
         records = []
@@ -114,11 +109,28 @@ class Estimator:
                 records.append(result_record(spectrum_id, outcome, self.weights_info, seconds))
         return records
 
-    def _input_block(self, flux: np.ndarray, ivar: np.ndarray, spectrum_id: str) -> torch.Tensor:
-        """Rows ``(1 + num_draws, 1, L)``: the clean input first, then the noisy ones."""
-        noise = noise_draws(spectrum_id, self.seed, self.num_draws, flux.shape[-1]) if self.num_draws else None
-        clean, noisy = network_inputs(flux, ivar, noise)
-        return clean if noisy is None else torch.cat([clean, noisy])
+    def _input_blocks(self, flux: np.ndarray, ivar: np.ndarray, ids: list[str],
+                      failures: dict[int, BaseException]) -> dict[int, torch.Tensor]:
+        """Per spectrum, rows ``(1 + num_draws, 1, L)``: the clean input first, then the noisy
+        ones. Prepared as one stack; if that raises, spectrum by spectrum, recording failures."""
+        def blocks_of(indices: list[int]) -> list[torch.Tensor]:
+            noise = None
+            if self.num_draws:
+                noise = torch.stack([noise_draws(ids[i], self.seed, self.num_draws, flux.shape[-1]) for i in indices])
+            clean, noisy = network_inputs(flux[indices], ivar[indices], noise)
+            return list(clean.unsqueeze(1)) if noisy is None else list(torch.cat([clean.unsqueeze(1), noisy], dim=1))
+
+        indices = list(range(len(ids)))
+        try:
+            return dict(zip(indices, blocks_of(indices)))
+        except Exception:
+            blocks = {}
+            for i in indices:
+                try:
+                    (blocks[i],) = blocks_of([i])
+                except Exception as exc:
+                    failures[i] = exc
+            return blocks
 
     def _run_blocks(self, blocks: dict[int, torch.Tensor]) -> dict[int, Estimate | BaseException]:
         """All blocks in one stack; if that raises, each block alone, so one bad spectrum

@@ -219,15 +219,15 @@ def infer_sizes(state_dict: dict) -> ModelSizes:
             for k in state_dict
             if (m := re.match(r"^linear_sequential\.(\d+)\.linear_layer\.weight$", k))
         )
-        first = state_dict["linear_sequential.0.linear_layer.weight"]
         head = state_dict[f"linear_sequential.{len(linear)}.weight"]
+        first = state_dict["linear_sequential.0.linear_layer.weight"] if linear else head
     except KeyError as exc:
         raise WeightsError(f"weights lack the key {exc.args[0]!r} needed to size the network") from None
     return ModelSizes(
         channels=tuple(int(c) for c in channels),
         kernel_size=int(kernel_size),
         pooled_length=int(first.shape[1] // channels[-1]),
-        linear_width=int(first.shape[0]),
+        linear_width=int(first.shape[0]) if linear else int(head.shape[1]),
         linear_layers=len(linear),
         n_outputs=int(head.shape[0]),
     )

@@ -72,12 +72,23 @@ def noise_draws(spectrum_id: str, seed: int, num_draws: int, n_pixels: int) -> t
 def network_inputs(
     flux: np.ndarray, ivar: np.ndarray, noise: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One spectrum's clean input ``(1, 1, L)`` and, given noise ``(D, L)``, its noisy inputs
-    ``(D, 1, L)``: ``flux + error * noise`` in linear flux, then log scaled together."""
-    flux32 = torch.from_numpy(clean_flux(flux))
-    clean = log_scale(flux32).reshape(1, 1, -1)
-    if noise is None or noise.shape[0] == 0:
-        return clean, None
-    error = torch.from_numpy(error_from_ivar(flux, ivar))
-    noisy = log_scale(flux32 + error * noise, dims=2)
-    return clean, noisy.unsqueeze(1)
+    """Clean and noisy network inputs, for one spectrum or a stack of them.
+
+    One spectrum: ``flux``/``ivar`` ``(L,)``, ``noise`` ``(D, L)`` → clean ``(1, 1, L)``, noisy
+    ``(D, 1, L)``. A stack: ``(N, L)`` and ``(N, D, L)`` → ``(N, 1, L)`` and ``(N, D, 1, L)``.
+    Noisy inputs are ``flux + error * noise`` in linear flux, log scaled together per spectrum.
+    A stack goes through each elementwise operation in one call, which matters: per-call costs
+    of small tensor operations dominate otherwise.
+    """
+    single = np.ndim(flux) == 1
+    flux2 = np.atleast_2d(flux)
+    flux32 = torch.from_numpy(clean_flux(flux2))
+    clean = log_scale(flux32).unsqueeze(1)
+    noisy = None
+    if noise is not None and noise.shape[-2] > 0:
+        error = torch.from_numpy(np.stack([error_from_ivar(f, v) for f, v in zip(flux2, np.atleast_2d(ivar))]))
+        draws = noise.reshape(len(flux2), -1, flux2.shape[-1])
+        noisy = log_scale(flux32[:, None, :] + error[:, None, :] * draws, dims=2).unsqueeze(2)
+    if single:
+        return clean, None if noisy is None else noisy[0]
+    return clean, noisy

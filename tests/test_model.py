@@ -57,6 +57,8 @@ def test_odd_channel_growth_pads_shortcut_both_sides():
 def test_infer_sizes_roundtrip():
     model = ApogeeNet(**SMALL_SIZES)
     assert infer_sizes(model.state_dict()) == ModelSizes(**{**SMALL_SIZES, "channels": (4, 8)})
+    headless = ApogeeNet(channels=(1, 1), kernel_size=2, pooled_length=3, linear_layers=0)
+    assert ApogeeNet(**vars(infer_sizes(headless.state_dict()))).state_dict().keys() == headless.state_dict().keys()
 
 
 def save(state_dict, path):

@@ -97,3 +97,15 @@ def test_network_inputs_shapes():
     assert clean.shape == (1, 1, L) and noisy.shape == (5, 1, L)
     clean, noisy = network_inputs(flux, ivar, None)
     assert noisy is None
+
+
+def test_a_stack_gives_what_each_spectrum_gives_alone():
+    rng = np.random.default_rng(3)
+    flux = rng.uniform(50, 150, (3, L)).astype(np.float32)
+    ivar = rng.uniform(0.01, 1, (3, L)).astype(np.float32)
+    noise = torch.stack([noise_draws(str(i), 0, 4, L) for i in range(3)])
+    clean, noisy = network_inputs(flux, ivar, noise)
+    assert clean.shape == (3, 1, L) and noisy.shape == (3, 4, 1, L)
+    for i in range(3):
+        alone_clean, alone_noisy = network_inputs(flux[i], ivar[i], noise[i])
+        assert torch.equal(clean[i], alone_clean[0]) and torch.equal(noisy[i], alone_noisy)
