@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench.run`` measures and rewrites BENCHMARKS.md."""

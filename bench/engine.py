@@ -1,0 +1,68 @@
+"""One engine measurement in a process of its own, so its peak memory is its own.
+
+``python -m bench.engine --mode baseline|exact|fast --spectra N [--weights PATH] --out result.npz``
+prints a JSON line (spectra/s, peak RSS) and saves the raw outputs for accuracy comparisons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import numpy as np
+import torch
+
+from stream_worker.apstar import read_apstar
+from stream_worker.inference import Estimator
+from stream_worker.model import load_model, random_model
+from stream_worker.preprocess import noise_draws
+from stream_worker.reference import reference_estimate
+from tests.helpers import DWARF_FILE, GIANT_FILE
+
+OUTPUTS = ("teff", "logg", "fe_h", "raw_e_teff", "raw_e_logg", "raw_e_fe_h", "e_teff", "e_logg", "e_fe_h")
+
+
+def real_spectra(n: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The six real DR17 spectra (coadds and visits), repeated under distinct ids (distinct noise)."""
+    spectra = read_apstar(GIANT_FILE, visits=True) + read_apstar(DWARF_FILE, visits=True)
+    chosen = [spectra[i % len(spectra)] for i in range(n)]
+    return (np.stack([s.flux for s in chosen]), np.stack([s.ivar for s in chosen]),
+            [f"bench-{i}:{s.spectrum_id}" for i, s in enumerate(chosen)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=("baseline", "exact", "fast"), required=True)
+    parser.add_argument("--spectra", type=int, default=24)
+    parser.add_argument("--weights", default=None, help="default: full-size random weights")
+    parser.add_argument("--draws", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    model = load_model(args.weights, device="cpu") if args.weights else random_model(device="cpu", seed=0)
+    flux, ivar, ids = real_spectra(args.spectra)
+    warm = Estimator(model, num_draws=args.draws, precision="exact" if args.mode == "baseline" else args.mode,
+                     batch_size=args.batch_size)
+    warm.estimate(flux[:2], ivar[:2], ["warm-0", "warm-1"])  # first-call allocations are not throughput
+    started = time.perf_counter()
+    if args.mode == "baseline":
+        rows = [reference_estimate(model, flux[i], ivar[i], noise_draws(ids[i], 0, args.draws, flux.shape[1]))
+                for i in range(len(ids))]
+        for row in rows:  # the calibrated errors as the pipeline's noise model gives them
+            row.update(e_teff=1.25 * row["raw_e_teff"] + 10, e_logg=1.25 * row["raw_e_logg"] + 0.01,
+                       e_fe_h=row["raw_e_fe_h"] + 0.01)
+    else:
+        rows = warm.estimate(flux, ivar, ids)
+    seconds = time.perf_counter() - started
+    np.savez(args.out, **{name: np.array([row[name] for row in rows], dtype=float) for name in OUTPUTS})
+    print(json.dumps({
+        "mode": args.mode, "spectra": len(ids), "seconds": seconds, "spectra_per_s": len(ids) / seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(), "batch_size": warm.batch_size,
+    }))
+
+
+if __name__ == "__main__":
+    main()

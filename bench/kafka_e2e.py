@@ -1,0 +1,130 @@
+"""End to end through a real local broker: sustained throughput and latency of a worker process,
+against the engine alone and against the I/O path alone (a trivial model).
+
+``python -m bench.kafka_e2e --spectra N [--precision exact|fast] [--draws 20]`` prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from kafka import KafkaConsumer, KafkaProducer
+
+from bench.engine import real_spectra
+from stream_worker.devtools.kafka_broker import LocalKafka
+from stream_worker.devtools.worker_process import WorkerProcess
+from stream_worker.inference import Estimator
+from stream_worker.messages import encode_inline
+from stream_worker.model import ApogeeNet, load_model, random_model
+from stream_worker.spectrum import Spectrum
+
+REPO = Path(__file__).resolve().parent.parent
+TRIVIAL_SIZES = dict(channels=(1, 1), kernel_size=2, pooled_length=1, linear_width=1, linear_layers=0)
+
+
+def encoded(n: int, prefix: str) -> list[tuple[bytes, bytes]]:
+    flux, ivar, ids = real_spectra(n)
+    return [(f"{prefix}-{i}".encode(), encode_inline(Spectrum(f"{prefix}-{i}", flux[i], ivar[i])))
+            for i in range(n)]
+
+
+def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], per_second: float | None = None) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, compression_type=None,
+                             max_request_size=4_194_304)
+    started = time.monotonic()
+    for i, (key, value) in enumerate(messages):
+        if per_second:
+            time.sleep(max(0.0, started + i / per_second - time.monotonic()))
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def receive(bootstrap: str, topic: str, count: int, timeout: float) -> list[tuple[float, dict]]:
+    """(arrival time, record) for ``count`` records; latency is arrival minus the input's timestamp."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    arrivals, deadline = [], time.monotonic() + timeout
+    while len(arrivals) < count and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=200).values():
+            now = time.time()
+            arrivals += [(now, json.loads(m.value)) for m in batch]
+    consumer.close()
+    if len(arrivals) < count:
+        raise RuntimeError(f"only {len(arrivals)} of {count} records within {timeout} s")
+    return arrivals
+
+
+def run_worker_phase(kafka: LocalKafka, tmp: Path, name: str, weights: Path | None, n: int, paced: float | None,
+                     **settings) -> dict:
+    """Backlog (``paced`` None): all ``n`` messages wait in the topic before the worker starts;
+    the rate is n over the time from its readiness to the last result. Paced: messages arrive
+    at ``paced`` per second while it runs; the latencies are what matters."""
+    topics = {k: f"{name}-{k}" for k in ("in", "out", "dlq")}
+    kafka.create_topic(topics["in"], 4)
+    kafka.create_topic(topics["out"], 4)
+    kafka.create_topic(topics["dlq"], 1)
+    messages = encoded(n, name)
+    if paced is None:
+        produce(kafka.bootstrap, topics["in"], messages)
+    engine = {"engine__weights": weights} if weights else {"engine__allow_random_weights": "true"}
+    worker = WorkerProcess(tmp / f"{name}.log", cwd=REPO, kafka__bootstrap_servers=f"[{kafka.bootstrap}]",
+                           kafka__input_topics=f"[{topics['in']}]", kafka__output_topic=topics["out"],
+                           kafka__dead_letter_topic=topics["dlq"], kafka__group_id=name,
+                           kafka__compression_type="null", **engine, **settings)
+    try:
+        worker.wait_ready(120)
+        started = time.time()
+        if paced is not None:
+            produce(kafka.bootstrap, topics["in"], messages, per_second=paced)
+        arrivals = receive(kafka.bootstrap, topics["out"], n, timeout=1800)
+        assert worker.terminate() == 0
+    finally:
+        worker.close()
+    latencies = sorted(t - r["input_timestamp_ms"] / 1000 for t, r in arrivals)
+    return {"spectra": n, "spectra_per_s": n / (max(t for t, _ in arrivals) - started), "offered_per_s": paced,
+            "latency_p50_s": statistics.median(latencies), "latency_p99_s": latencies[int(0.99 * (n - 1))]}
+
+
+def engine_alone(weights: Path | None, n: int, **settings) -> float:
+    model = load_model(weights, device="cpu") if weights else random_model(device="cpu")
+    estimator = Estimator(model, **settings)
+    flux, ivar, ids = real_spectra(n)
+    estimator.estimate(flux[:2], ivar[:2], ids[:2])
+    started = time.perf_counter()
+    estimator.estimate(flux, ivar, ids)
+    return n / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spectra", type=int, default=48)
+    parser.add_argument("--io-spectra", type=int, default=3000)
+    parser.add_argument("--precision", default="exact")
+    parser.add_argument("--draws", type=int, default=20)
+    parser.add_argument("--weights", default=None)
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as directory, LocalKafka(Path(directory) / "kafka") as kafka:
+        tmp = Path(directory)
+        trivial = tmp / "trivial.pt"
+        torch.save(ApogeeNet(**TRIVIAL_SIZES).state_dict(), trivial)
+        results["io_path"] = run_worker_phase(kafka, tmp, "io", trivial, args.io_spectra, None,
+                                              engine__num_draws=0, batching__max_spectra=256)
+        engine = dict(engine__num_draws=args.draws, engine__precision=args.precision, batching__max_spectra=64)
+        results["backlog"] = run_worker_phase(kafka, tmp, "backlog", args.weights, args.spectra, None, **engine)
+        paced = 0.5 * results["backlog"]["spectra_per_s"]
+        results["paced"] = run_worker_phase(kafka, tmp, "paced", args.weights, max(12, args.spectra // 2), paced,
+                                            **engine)
+    results["engine_alone_per_s"] = engine_alone(args.weights, args.spectra, num_draws=args.draws,
+                                                 precision=args.precision)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
