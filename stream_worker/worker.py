@@ -271,20 +271,32 @@ class Worker:
 
 
 def build_worker(config: Config) -> tuple[Worker, HealthServer | None]:
-    """Everything ``stream-worker run`` needs, wired from the config (the I/O edges live here)."""
+    """Everything ``stream-worker run`` needs, wired from the config (the I/O edges live here).
+
+    The health endpoints come up first: while the model loads and the Kafka clients connect
+    (which, with wrong credentials or an absent broker, can take forever), /healthz answers and
+    /readyz says what the worker is waiting for."""
     from .inference import Estimator
     from .kafka_io import BrokerProbe, make_consumer, make_producer
 
     metrics = Metrics()
+    waiting_for = ["loading the model"]
+    started: list[Worker] = []
+
+    def ready() -> tuple[bool, str]:
+        return started[0].ready() if started else (False, waiting_for[0])
+
+    health = None
+    if config.metrics.enabled:
+        health = HealthServer(metrics, ready, config.metrics.host, config.metrics.port).start()
     estimator = Estimator.from_config(config.engine)
     metrics.set_model(estimator.weights_info, str(estimator.device), estimator.num_draws)
     pipeline = Pipeline(
         estimator, FileReader(config.inputs.data_roots), config.kafka.output_topic, config.kafka.dead_letter_topic,
         config.inputs.max_message_bytes,
     )
+    waiting_for[0] = "connecting to Kafka"
     worker = Worker(config, pipeline, make_consumer(config), make_producer(config), metrics,
                     BrokerProbe(config.kafka.bootstrap_servers).reachable)
-    health = None
-    if config.metrics.enabled:
-        health = HealthServer(metrics, worker.ready, config.metrics.host, config.metrics.port).start()
+    started.append(worker)
     return worker, health

@@ -77,3 +77,21 @@ def test_sasl_password_comes_from_env_or_file(tmp_path, monkeypatch):
     assert config.sasl_password() == "s3cret"
     monkeypatch.setenv("STREAM_WORKER_SASL_PASSWORD", "from-env")
     assert config.sasl_password() == "from-env"
+
+
+def test_tls_and_sasl_settings_reach_the_kafka_clients(tmp_path, monkeypatch):
+    from stream_worker.kafka_io import security_options
+
+    monkeypatch.setenv("STREAM_WORKER_SASL_PASSWORD", "pw")
+    config = load_config(None, environ={
+        "STREAM_WORKER__KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+        "STREAM_WORKER__KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+        "STREAM_WORKER__KAFKA__SASL_USERNAME": "apogee",
+        "STREAM_WORKER__KAFKA__SSL_CAFILE": "/etc/ca.pem",
+    })
+    assert security_options(config) == {
+        "security_protocol": "SASL_SSL", "ssl_cafile": "/etc/ca.pem", "ssl_certfile": None, "ssl_keyfile": None,
+        "ssl_check_hostname": True, "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "apogee",
+        "sasl_plain_password": "pw",
+    }
+    assert security_options(load_config(None, environ={})) == {"security_protocol": "PLAINTEXT"}

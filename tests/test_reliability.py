@@ -141,3 +141,30 @@ def test_secrets_never_reach_metrics_or_logs(kafka_broker, worker_factory):
     assert kafka_broker.bootstrap not in metrics  # no infrastructure addresses either
     assert worker.terminate() == 0
     assert "hunter2" not in worker.log_path.read_text()
+
+
+@pytest.fixture
+def scram_kafka(tmp_path_factory):
+    from stream_worker.devtools.kafka_broker import LocalKafka
+
+    with LocalKafka(tmp_path_factory.mktemp("kafka-scram"), scram_users={"apogee": "s3cret-pass"}) as broker:
+        yield broker
+
+
+def test_sasl_scram_authentication_from_environment_secret(scram_kafka, worker_factory):
+    topics = Topics().create(scram_kafka)
+    sasl = dict(kafka__bootstrap_servers=f"[{scram_kafka.sasl_bootstrap}]", kafka__security_protocol="SASL_PLAINTEXT",
+                kafka__sasl_mechanism="SCRAM-SHA-256", kafka__sasl_username="apogee")
+    intruder = worker_factory(scram_kafka, topics, extra_env={"STREAM_WORKER_SASL_PASSWORD": "wrong"}, **sasl)
+    time.sleep(15)
+    assert intruder.process.poll() is None
+    assert intruder.get("/healthz")[0] == 200
+    assert intruder.get("/readyz") == (503, "connecting to Kafka\n")  # rejected credentials: never ready
+    intruder.kill()
+    ids = produce_spectra(scram_kafka.bootstrap, topics.input, 10, "sasl")
+    worker = worker_factory(scram_kafka, topics, extra_env={"STREAM_WORKER_SASL_PASSWORD": "s3cret-pass"}, **sasl)
+    worker.wait_ready(90)
+    assert sorted(ids_of(consume(scram_kafka.bootstrap, topics.output, 10, settle=1))) == sorted(ids)
+    assert "s3cret-pass" not in worker.get("/metrics")[1]
+    assert worker.terminate() == 0
+    assert "s3cret-pass" not in worker.log_path.read_text()

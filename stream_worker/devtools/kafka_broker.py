@@ -231,11 +231,16 @@ class LocalKafka:
         port: int | None = None,
         controller_port: int | None = None,
         heap: str = "512m",
+        scram_users: Mapping[str, str] | None = None,
     ) -> None:
+        """``scram_users`` (name → password) adds a SASL_PLAINTEXT listener with SCRAM-SHA-256
+        on ``sasl_port`` next to the plaintext one, for testing client authentication."""
         self.data_dir = Path(data_dir).resolve()
         free = [p for p in free_ports(3) if p not in (port, controller_port)]
         self.port = port or free[0]
         self.controller_port = controller_port or free[1]
+        self.sasl_port = free[2]
+        self.scram_users = dict(scram_users or {})
         self.heap = heap
         self.properties_path = self.data_dir / "server.properties"
         self.log4j_path = self.data_dir / "log4j2.properties"
@@ -246,6 +251,10 @@ class LocalKafka:
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.sasl_port}"
 
     @property
     def running(self) -> bool:
@@ -336,6 +345,13 @@ class LocalKafka:
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
         }
+        if self.scram_users:
+            props["listeners"] += f",SASL://127.0.0.1:{self.sasl_port}"
+            props["advertised.listeners"] += f",SASL://127.0.0.1:{self.sasl_port}"
+            props["listener.security.protocol.map"] += ",SASL:SASL_PLAINTEXT"
+            props["sasl.enabled.mechanisms"] = "SCRAM-SHA-256"
+            props["listener.name.sasl.scram-sha-256.sasl.jaas.config"] = (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;")
         self.properties_path.write_text("".join(f"{key}={value}\n" for key, value in props.items()))
         self.log4j_path.write_text(
             "status = warn\n"
@@ -353,7 +369,9 @@ class LocalKafka:
         log.info("formatting KRaft storage in %s", self.log_dir)
         proc = subprocess.run(
             [java, "-Xmx256m", f"-Dlog4j2.configurationFile={self.log4j_path}", "-cp", classpath,
-             "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(self.properties_path)],
+             "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(self.properties_path),
+             *(arg for name, password in self.scram_users.items()
+               for arg in ("--add-scram", f"SCRAM-SHA-256=[name={name},password={password}]"))],
             capture_output=True, text=True, check=False,
         )
         if proc.returncode != 0:
