@@ -1,8 +1,18 @@
 import pytest
+import torch
 
 from tests.helpers import small_model
 
 pytest_plugins = ["tests.services"]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny network runs fastest on one thread, and the test machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from stream_worker.model import N_PIXELS, random_model
 
@@ -30,3 +31,18 @@ def synthetic_spectra(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     ivar[np.isnan(flux)] = 0
     ivar[:, 5000:5003] = 1e-20
     return flux, ivar
+
+
+class Explodes(torch.nn.Module):
+    """Wraps a model and raises for any batch holding a row with a bright pixel 400: a spectrum
+    whose inference fails, for testing that the others in its batch are unaffected."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.weights_info = model.weights_info
+
+    def forward(self, x):
+        if torch.any(x[:, 0, 400] > 7.25):  # log(1500) = 7.31; normal pixels are below log(1200)
+            raise RuntimeError("boom")
+        return self.inner(x)

@@ -57,12 +57,8 @@ OUTPUT, DEAD = "apogee.results", "apogee.deadletter"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny network runs fastest on one thread, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Module-wide: see tests/conftest.py."""
 
 
 @pytest.fixture(scope="module")

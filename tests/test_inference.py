@@ -9,7 +9,7 @@ from stream_worker.inference import Estimator
 from stream_worker.preprocess import noise_draws
 from stream_worker.records import RESULT_FIELDS
 from stream_worker.reference import reference_estimate
-from tests.helpers import small_model, synthetic_spectra
+from tests.helpers import Explodes, small_model, synthetic_spectra
 
 RAW = ("teff", "logg", "fe_h", "raw_e_teff", "raw_e_logg", "raw_e_fe_h")
 
@@ -115,20 +115,6 @@ def test_zero_draws_means_no_uncertainties(tiny_model, spectra):
 def test_invalid_draw_counts_are_refused(tiny_model, draws):
     with pytest.raises(ValueError, match="num_draws"):
         Estimator(tiny_model, num_draws=draws)
-
-
-class Explodes(torch.nn.Module):
-    """Wraps a model and raises for any batch holding a row with a bright pixel 400."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner = model
-        self.weights_info = model.weights_info
-
-    def forward(self, x):
-        if torch.any(x[:, 0, 400] > 7.25):  # log(1500) = 7.31; normal pixels are below log(1200)
-            raise RuntimeError("boom")
-        return self.inner(x)
 
 
 def test_failing_spectrum_gets_runtime_flag_and_others_are_unaffected(tiny_model, spectra, records):

@@ -27,7 +27,7 @@ from stream_worker.model import N_PIXELS
 from stream_worker.pipeline import FileReader, Pipeline
 from stream_worker.records import RESULT_FIELDS
 from stream_worker.spectrum import InputError, Spectrum
-from tests.helpers import DATA, DWARF_FILE, GIANT_FILE, small_model, synthetic_spectra
+from tests.helpers import DATA, DWARF_FILE, GIANT_FILE, Explodes, small_model, synthetic_spectra
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "messages.md"
 GIANT_ID = "2M17335483-2753043"
@@ -88,12 +88,8 @@ def dlq_headers(outgoing) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny network runs fastest on one thread, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Module-wide: see tests/conftest.py."""
 
 
 @pytest.fixture(scope="module")
@@ -435,18 +431,6 @@ def test_records_of_a_redelivered_spectrum_have_the_same_science_fields(pipeline
     assert crowded["result_flags"] == first["result_flags"]
 
 
-class Explodes(torch.nn.Module):
-    """Wraps a model and raises for any batch holding a row with a bright pixel 400."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner = model
-        self.weights_info = model.weights_info
-
-    def forward(self, x):
-        if torch.any(x[:, 0, 400] > 7.25):
-            raise RuntimeError("boom")
-        return self.inner(x)
 
 
 def test_runtime_exception_record_validates(model, spectra):
