@@ -73,6 +73,7 @@ class Worker:
         self.stopping = threading.Event()
         self.stop_deadline: float | None = None
         self.pending: list = []
+        self.busy = False
         self.rebalanced = threading.Event()
         self.broker_reachable = broker_reachable
         self.last_lag_refresh = 0.0
@@ -129,11 +130,17 @@ class Worker:
 
     # ------------------------------------------------------------------ consume
 
-    def _poll(self, timeout_ms: int, max_records: int | None = None) -> dict:
+    def _poll(self, timeout_ms: int, max_records: int | None = None) -> None:
+        """The one place records arrive: they join ``pending``; a rebalance is reconciled after
+        they are, so the positions it restores account for them."""
         polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        for messages in polled.values():
+            for message in messages:
+                self.pending.append(message)
+                self.metrics.messages_consumed.labels(topic=message.topic).inc()
         if self.rebalanced.is_set():
             self._after_rebalance()
-        return polled
+        self.metrics.in_flight.set(len(self.checkpoint) + len(self.pending))
 
     def _collect(self) -> None:
         """Polls until the batch is full, or ``max_wait_seconds`` after its first message."""
@@ -143,13 +150,7 @@ class Worker:
             timeout_ms = self.config.worker.poll_timeout_ms
             if deadline is not None:
                 timeout_ms = max(0, min(timeout_ms, int((deadline - time.monotonic()) * 1000)))
-            polled = self._poll(timeout_ms, max_records=batching.max_spectra - len(self.pending))
-            for messages in polled.values():
-                for message in messages:
-                    self.pending.append(message)
-                    self.checkpoint.consumed(message)
-                    self.metrics.messages_consumed.labels(topic=message.topic).inc()
-            self.metrics.in_flight.set(len(self.checkpoint))
+            self._poll(timeout_ms, max_records=batching.max_spectra - len(self.pending))
             if self.pending and deadline is None:
                 deadline = time.monotonic() + batching.max_wait_seconds
             if deadline is not None and time.monotonic() >= deadline:
@@ -163,8 +164,11 @@ class Worker:
         """Runs the batch on the engine thread while polling with every partition paused."""
         started = time.monotonic()
         messages, self.pending = self.pending, []
+        for message in messages:  # from here on these offsets are the batch's to commit
+            self.checkpoint.consumed(message)
         self.metrics.batch_size.observe(len(messages))
         batch = _in_thread(self.pipeline.run, messages)
+        self.busy = True
         self.consumer.pause(*self.consumer.assignment())
         try:
             while not batch.done():
@@ -174,6 +178,7 @@ class Worker:
                     return
                 self._poll(self.config.worker.poll_timeout_ms)
         finally:
+            self.busy = False
             self.consumer.resume(*self.consumer.assignment())
         try:
             result = batch.result()
@@ -219,7 +224,7 @@ class Worker:
             if record.get("input_timestamp_ms"):
                 self.metrics.latency.observe(max(0.0, now - record["input_timestamp_ms"] / 1000))
         self.metrics.last_success.set(now)
-        self.metrics.in_flight.set(len(self.checkpoint))
+        self.metrics.in_flight.set(len(self.checkpoint) + len(self.pending))
 
     # ------------------------------------------------------------------ rebalance
 
@@ -243,8 +248,14 @@ class Worker:
         owned = self.consumer.assignment()
         self.pending = [m for m in self.pending if TopicPartition(m.topic, m.partition) in owned]
         self.checkpoint.keep_only(owned)
-        for tp, offset in self.checkpoint.next_offsets.items():
+        positions = dict(self.checkpoint.next_offsets)
+        for message in self.pending:
+            tp = TopicPartition(message.topic, message.partition)
+            positions[tp] = max(positions.get(tp, 0), message.offset + 1)
+        for tp, offset in positions.items():
             self.consumer.seek(tp, offset)
+        if self.busy:  # newly assigned partitions wait for the batch in the engine too
+            self.consumer.pause(*owned)
         for metric in self.metrics.consumer_lag.collect():
             for sample in metric.samples:
                 if TopicPartition(sample.labels["topic"], int(sample.labels["partition"])) not in owned:
