@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--profile", default=None, help="also write torch.profiler's top operators here")
     args = parser.parse_args()
     model = load_model(args.weights, device="cpu") if args.weights else random_model(device="cpu", seed=0)
     flux, ivar, ids = real_spectra(args.spectra)
@@ -56,6 +57,11 @@ def main() -> None:
     else:
         rows = warm.estimate(flux, ivar, ids)
     seconds = time.perf_counter() - started
+    if args.profile:
+        with torch.profiler.profile() as profiler:
+            warm.estimate(flux[:6], ivar[:6], ids[:6])
+        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=36)
+        open(args.profile, "w").write(table)
     np.savez(args.out, **{name: np.array([row[name] for row in rows], dtype=float) for name in OUTPUTS})
     print(json.dumps({
         "mode": args.mode, "spectra": len(ids), "seconds": seconds, "spectra_per_s": len(ids) / seconds,

@@ -23,10 +23,12 @@ REPO = Path(__file__).resolve().parent.parent
 LABELS = ("teff", "logg", "fe_h")
 
 
-def engine_phase(mode: str, spectra: int, weights: str | None, out: Path) -> dict:
+def engine_phase(mode: str, spectra: int, weights: str | None, out: Path, profile: Path | None = None) -> dict:
     argv = [sys.executable, "-m", "bench.engine", "--mode", mode, "--spectra", str(spectra), "--out", str(out)]
     if weights:
         argv += ["--weights", weights]
+    if profile:
+        argv += ["--profile", str(profile)]
     result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -70,9 +72,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     print("engine phases (full-size APOGEENet III, random weights, 20 draws) ...", file=sys.stderr)
     runs = {mode: engine_phase(mode, args.baseline_spectra if mode == "baseline" else args.spectra, None,
-                               tmp / f"{mode}.npz") for mode in ("baseline", "exact", "fast")}
+                               tmp / f"{mode}.npz", tmp / f"{mode}.profile" if mode != "baseline" else None)
+            for mode in ("baseline", "exact", "fast")}
+    profiles = {mode: (tmp / f"{mode}.profile").read_text() for mode in ("exact", "fast")}
     # exact vs baseline on the same spectra: the first baseline_spectra of the exact run
-    check = engine_phase("exact", args.baseline_spectra, None, tmp / "exact-small.npz")
+    engine_phase("exact", args.baseline_spectra, None, tmp / "exact-small.npz")
     exact_vs_baseline = max_relative(tmp / "exact-small.npz", tmp / "baseline.npz")
     costs = {"random full-size weights": accuracy_cost(tmp / "exact.npz", tmp / "fast.npz")}
     trained = args.trained_weights or _shipped_weights()
@@ -89,7 +93,7 @@ def main() -> None:
                                   "--io-spectra", str(args.io_spectra), "--precision", precision],
                                  cwd=REPO, capture_output=True, text=True, check=True)
             e2e[precision] = json.loads(out.stdout.strip().splitlines()[-1])
-    Path(args.output).write_text(report(described, runs, check, exact_vs_baseline, costs, e2e, args))
+    Path(args.output).write_text(report(described, runs, exact_vs_baseline, costs, e2e, profiles))
     print(f"wrote {args.output}", file=sys.stderr)
 
 
@@ -98,7 +102,7 @@ def _shipped_weights() -> str | None:
     return str(shipped) if shipped.exists() else None
 
 
-def report(described, runs, check, exact_vs_baseline, costs, e2e, args) -> str:
+def report(described, runs, exact_vs_baseline, costs, e2e, profiles) -> str:
     base = runs["baseline"]["spectra_per_s"]
     lines = [
         "# Benchmarks",
@@ -153,6 +157,9 @@ def report(described, runs, check, exact_vs_baseline, costs, e2e, args) -> str:
                 f"| {precision} | {r['engine_alone_per_s']:.2f} | {r['backlog']['spectra_per_s']:.2f} | "
                 f"{r['backlog']['spectra_per_s'] / r['engine_alone_per_s']:.0%} | {r['paced']['latency_p50_s']:.1f} | "
                 f"{r['paced']['latency_p99_s']:.1f} | {r['io_path']['spectra_per_s']:.0f} |")
+    lines += ["", "## Where the engine's time goes (torch.profiler, 6 spectra, 20 draws)", ""]
+    for mode, table in profiles.items():
+        lines += [f"{mode} mode:", "", "```", table.strip(), "```", ""]
     return "\n".join(lines) + "\n"
 
 
