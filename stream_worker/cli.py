@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--reference", action="store_true",
                          help="send file references (the worker reads the file) instead of inline arrays")
     produce.set_defaults(func=cmd_produce)
+
+    from .training import add_train_parser  # stream-worker train: the demonstration model
+
+    add_train_parser(sub)
     return parser
 
 
