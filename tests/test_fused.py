@@ -37,7 +37,8 @@ def test_fast_network_stays_close_and_keeps_float32_at_the_ends():
     model = with_trained_like_batchnorm(random_model(device="cpu", seed=3))
     fast = FusedApogeeNet(model, "fast")
     assert fast.first_conv.weight.dtype == torch.float32
-    assert fast.res_blocks[0].conv1.weight.dtype == torch.bfloat16
+    assert fast.res_blocks[0].conv1.weight.dtype == torch.float32
+    assert fast.res_blocks[3].conv1.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in fast.linear_sequential.parameters())
     x = inputs()
     with torch.inference_mode():
