@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = {"kafka__bootstrap_servers": f"[{kafka.bootstrap}]", "inputs__data_roots": json.dumps(roots)}
         if args.weights:
             settings["engine__weights"] = str(Path(args.weights).resolve())
+        elif not (REPO / "stream_worker" / "models" / "apogeenet-demo.pt").exists():
+            print("NOTE: no trained model is available (no --weights, no shipped demonstration model): the worker "
+                  "runs an UNTRAINED network, so the numbers below only show the plumbing, not stellar parameters")
+            settings["engine__allow_random_weights"] = "true"
         worker = WorkerProcess(Path(tmp) / "worker.log", cwd=REPO, **settings)
         try:
             worker.wait_ready(timeout=120)
