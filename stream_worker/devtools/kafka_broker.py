@@ -217,7 +217,46 @@ def _cluster_id() -> str:
             return cluster_id
 
 
-class LocalKafka:
+class LocalService:
+    """What the local broker and Prometheus share: a child process (``self._process``), its
+    state, stop/kill, and use as a context manager that starts, waits until ready and stops."""
+
+    _process: ServiceProcess
+
+    def start(self) -> LocalService:
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        return self._process.running
+
+    def stop(self, timeout: float = 30) -> None:
+        """Orderly shutdown (SIGTERM), escalating to SIGKILL after ``timeout`` seconds."""
+        self._process.stop(timeout)
+
+    def kill(self) -> None:
+        """Crash the service (SIGKILL), as a machine failure would."""
+        self._process.kill()
+
+    def __enter__(self):
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class LocalKafka(LocalService):
     """A single-node KRaft broker+controller on 127.0.0.1 keeping its data in ``data_dir``.
 
     The ports are fixed for the object's lifetime, so stop() then start() comes back at the same
@@ -255,10 +294,6 @@ class LocalKafka:
     @property
     def sasl_bootstrap(self) -> str:
         return f"127.0.0.1:{self.sasl_port}"
-
-    @property
-    def running(self) -> bool:
-        return self._process.running
 
     def start(self) -> LocalKafka:
         """Launch the broker (fetching jars and formatting storage first if needed); see wait_ready()."""
@@ -298,30 +333,8 @@ class LocalKafka:
                     raise self._error(f"no metadata from {self.bootstrap} after {timeout:.0f}s: {exc!r}") from exc
             time.sleep(0.2)
 
-    def stop(self, timeout: float = 30) -> None:
-        """Orderly shutdown (SIGTERM), escalating to SIGKILL after ``timeout`` seconds."""
-        self._process.stop(timeout)
-
-    def kill(self) -> None:
-        """Crash the broker (SIGKILL), as a machine failure would."""
-        self._process.kill()
-
     def create_topic(self, name: str, partitions: int, config: Mapping[str, str] | None = None) -> None:
         create_topic(self.bootstrap, name, partitions, config)
-
-    def __enter__(self) -> LocalKafka:
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.kill()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def _write_config(self) -> None:
         props = {

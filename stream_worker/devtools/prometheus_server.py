@@ -16,12 +16,11 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import yaml
 
-from stream_worker.devtools.kafka_broker import ServiceError, ServiceProcess, free_ports, log_tail
+from stream_worker.devtools.kafka_broker import LocalService, ServiceError, ServiceProcess, free_ports, log_tail
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ def prometheus_binary() -> str:
     return binary
 
 
-class LocalPrometheus:
+class LocalPrometheus(LocalService):
     """Prometheus on 127.0.0.1 scraping ``scrape_targets`` (host:port) as job ``stream-worker``.
 
     Scrapes and rule evaluations run every second by default so tests see new values quickly.
@@ -62,10 +61,6 @@ class LocalPrometheus:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._process.running
 
     def start(self) -> LocalPrometheus:
         binary = prometheus_binary()
@@ -95,9 +90,6 @@ class LocalPrometheus:
                 raise self._error(f"{self.url}/-/ready not OK after {timeout:.0f}s")
             time.sleep(0.1)
 
-    def stop(self, timeout: float = 30) -> None:
-        self._process.stop(timeout)
-
     def query(self, promql: str) -> list[dict[str, Any]]:
         """Evaluate an instant query; return the API's ``data.result`` list."""
         url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
@@ -126,20 +118,6 @@ class LocalPrometheus:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{promql!r} did not satisfy the predicate within {timeout:.0f}s; last result: {result}")
             time.sleep(interval)
-
-    def __enter__(self) -> LocalPrometheus:
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self._process.kill()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def _write_config(self) -> None:
         config: dict[str, Any] = {
