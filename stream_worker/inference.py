@@ -18,7 +18,7 @@ import torch
 
 from .config import EngineConfig
 from .fused import FusedApogeeNet
-from .model import ApogeeNet, WeightsError, load_model, random_model, resolve_device
+from .model import DEMO_MODEL_NAME, ApogeeNet, load_model, random_model, resolve_device
 from .preprocess import network_inputs, noise_draws
 from .records import result_record
 from .uncertainty import Estimate, summarise, unnormalise
@@ -54,8 +54,10 @@ class Estimator:
 
     @classmethod
     def from_config(cls, engine: EngineConfig) -> Estimator:
-        """The engine the config describes. Untrained weights run only when explicitly allowed,
-        so a missing weights path can never produce plausible-looking random numbers."""
+        """The engine the config describes: explicit ``engine.weights`` first; else, only when
+        ``allow_random_weights`` is set, an untrained network (tests, benchmarks); else the
+        shipped demonstration model, announced as such. A missing weights path never gives
+        random numbers."""
         if engine.num_threads:
             torch.set_num_threads(engine.num_threads)
         if engine.weights:
@@ -64,9 +66,12 @@ class Estimator:
             log.warning("running an UNTRAINED network with random weights: results are meaningless")
             model = random_model(device=engine.device)
         else:
-            raise WeightsError(
-                "no model weights configured: set engine.weights (or --weights); "
-                "engine.allow_random_weights / --allow-random-weights runs an untrained network for tests"
+            model = load_model(None, device=engine.device, sha256=engine.weights_sha256)
+            log.warning(
+                "engine.weights is not set: using the shipped DEMONSTRATION model %s (sha256 %s), a small "
+                "APOGEENet trained on emulated spectra only, not APOGEENet III; see docs/accuracy.md. "
+                "Set engine.weights (or --weights) to the official weights for science results",
+                DEMO_MODEL_NAME, model.weights_info.sha256[:12],
             )
         return cls(
             model,

@@ -248,12 +248,13 @@ def load_model(
 ) -> ApogeeNet:
     """Loads weights into an :class:`ApogeeNet` in eval mode on ``device``.
 
-    ``path`` is a ``torch.save`` state-dict file or a ``deconstructed_model/`` directory.
+    ``path`` is a ``torch.save`` state-dict file or a ``deconstructed_model/`` directory;
+    ``None`` loads the shipped demonstration model (:func:`load_demo_model`).
     Sizes are read from the weights unless given (then they must match exactly). The loaded
     model carries a :class:`WeightsInfo` as ``model.weights_info``.
     """
     if path is None:
-        raise WeightsError("no weights given: set model.weights in the config or pass --weights")
+        return load_demo_model(device=device, sha256=sha256)
     resolved = expand_path(path)
     raw = read_weights_bytes(resolved)
     digest = hashlib.sha256(raw).hexdigest()
@@ -273,6 +274,44 @@ def load_model(
     )
     log.info("loaded weights %s (sha256 %s)", resolved, digest[:12])
     return model.eval().to(resolve_device(device))
+
+
+DEMO_MODEL_NAME = "apogeenet-demo (demonstration model trained on emulated spectra)"
+"""``weights_info.name`` of the shipped model, so every record says what produced it."""
+
+DEMO_MODEL_FILE = "apogeenet-demo.pt"
+"""The shipped checkpoint in ``stream_worker/models/``; its metadata is the ``.json`` beside it."""
+
+
+def load_demo_model(
+    device: str | torch.device | None = None, sha256: str | None = None, directory: str | os.PathLike | None = None
+) -> ApogeeNet:
+    """The small APOGEENet shipped in ``stream_worker/models/`` (or ``directory``), trained on
+    emulated spectra only (``stream-worker train``; accuracy in ``docs/accuracy.md``). Not
+    APOGEENet III: it exists so the product works out of the box. Its checksum must match the
+    one recorded in its metadata JSON, else :class:`WeightsError`."""
+    import json
+    from importlib import resources
+
+    models = Path(directory) if directory is not None else resources.files("stream_worker") / "models"
+    with resources.as_file(models / DEMO_MODEL_FILE) as checkpoint, resources.as_file(
+        models / DEMO_MODEL_FILE.replace(".pt", ".json")
+    ) as metadata_file:
+        if not checkpoint.exists() or not metadata_file.exists():
+            raise WeightsError(f"the shipped demonstration model is missing ({checkpoint}, {metadata_file})")
+        recorded = json.loads(metadata_file.read_text())["sha256"]
+        found = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+        if found != recorded:
+            raise WeightsError(
+                f"the shipped demonstration model {checkpoint} is corrupt or was replaced: its sha256 is "
+                f"{found}, its metadata ({metadata_file.name}) records {recorded}"
+            )
+        model = load_model(checkpoint, device=device, sha256=sha256 or recorded)
+    info = model.weights_info
+    model.weights_info = WeightsInfo(
+        name=DEMO_MODEL_NAME, source=info.source, sha256=info.sha256, sizes=info.sizes, trained=True
+    )
+    return model
 
 
 def random_model(device: str | torch.device | None = None, seed: int = 0, **sizes) -> ApogeeNet:

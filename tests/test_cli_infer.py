@@ -7,6 +7,7 @@ import torch
 from astropy.table import Table
 
 from stream_worker.cli import main
+from stream_worker.model import DEMO_MODEL_NAME
 from stream_worker.records import RESULT_FIELDS
 from tests.helpers import DWARF_FILE, GIANT_FILE, small_model
 
@@ -44,9 +45,17 @@ def test_csv_and_fits(tmp_path, weights):
 
 
 def test_random_weights_never_run_silently(tmp_path, capsys):
-    assert run("-o", tmp_path / "r.jsonl") == 2
-    assert "no model weights configured" in capsys.readouterr().err
-    assert not (tmp_path / "r.jsonl").exists()
+    """No weights configured: the shipped demonstration model runs, the log says so and every
+    record names it; an untrained network runs only on explicit request."""
+    out = tmp_path / "r.jsonl"
+    assert run("--draws", "2", "-o", out) == 0
+    assert "DEMONSTRATION model" in capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2
+    assert all(r["model_name"] == DEMO_MODEL_NAME and r["model_trained"] is True for r in rows)
+    assert run("--allow-random-weights", "--draws", "0", "-o", out) == 0
+    assert "UNTRAINED network" in capsys.readouterr().err
+    assert all(json.loads(line)["model_trained"] is False for line in out.read_text().splitlines())
 
 
 def test_unreadable_file_is_reported_and_the_rest_processed(tmp_path, weights, capsys):

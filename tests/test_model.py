@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stream_worker.model import (
-    ApogeeNet, ModelSizes, WeightsError, check_state_dict, infer_sizes, load_model,
+    DEMO_MODEL_NAME, ApogeeNet, ModelSizes, WeightsError, check_state_dict, infer_sizes, load_model,
 )
 from tests.helpers import DATA, SMALL_SIZES, small_model
 
@@ -152,6 +152,11 @@ def test_pickled_code_is_refused(tmp_path):
         load_model(tmp_path / "evil.pt")
 
 
-def test_no_path_is_an_error():
-    with pytest.raises(WeightsError, match="no weights given"):
-        load_model(None)
+def test_no_path_loads_the_demo_model():
+    """No path loads the shipped demonstration model (trained, named as
+    such, checksum verified against its metadata), never an untrained network."""
+    model = load_model(None, device="cpu")
+    assert model.weights_info.name == DEMO_MODEL_NAME and model.weights_info.trained
+    assert not model.training
+    with pytest.raises(WeightsError, match="checksum mismatch"):
+        load_model(None, sha256="0" * 64)  # a pin applies to the demo model too

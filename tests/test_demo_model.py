@@ -1,0 +1,112 @@
+"""The shipped demonstration model: it loads by default, matches its recorded checksum, and gives
+physically sensible parameters for the real DR17 files."""
+
+import hashlib
+import json
+import logging
+import shutil
+from importlib import resources
+
+import numpy as np
+import pytest
+
+from stream_worker.apstar import read_apstar
+from stream_worker.config import EngineConfig
+from stream_worker.inference import Estimator
+from stream_worker.model import (
+    DEMO_MODEL_FILE, DEMO_MODEL_NAME, ModelSizes, WeightsError, infer_sizes, load_demo_model, load_model,
+)
+from tests.helpers import DWARF_FILE, GIANT_FILE
+
+MODELS = resources.files("stream_worker") / "models"
+
+
+@pytest.fixture(scope="module")
+def metadata():
+    return json.loads((MODELS / "apogeenet-demo.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_model(device="cpu")
+
+
+def test_default_model_is_the_shipped_demo(demo, metadata):
+    info = demo.weights_info
+    assert info.name == DEMO_MODEL_NAME and info.trained
+    assert info.sha256 == metadata["sha256"]
+    assert info.sha256 == hashlib.sha256((MODELS / DEMO_MODEL_FILE).read_bytes()).hexdigest()
+    assert not demo.training
+
+
+def test_checkpoint_is_a_plain_state_dict_of_the_recorded_sizes(demo, metadata):
+    import torch
+
+    state = torch.load(MODELS / DEMO_MODEL_FILE, map_location="cpu", weights_only=True)
+    assert infer_sizes(state) == ModelSizes(**{**metadata["sizes"], "channels": tuple(metadata["sizes"]["channels"])})
+    assert sum(p.numel() for p in demo.parameters()) == metadata["parameters"]
+    assert (MODELS / DEMO_MODEL_FILE).stat().st_size < 5_000_000
+    # BatchNorm statistics were recomputed after training: finite, positive variances
+    for key, value in state.items():
+        if key.endswith("running_var"):
+            assert torch.isfinite(value).all() and (value > 0).all(), key
+
+
+def test_a_checkpoint_that_does_not_match_its_metadata_is_refused(tmp_path):
+    for name in (DEMO_MODEL_FILE, "apogeenet-demo.json"):
+        shutil.copyfile(MODELS / name, tmp_path / name)
+    assert load_demo_model(directory=tmp_path).weights_info.name == DEMO_MODEL_NAME
+    meta = json.loads((tmp_path / "apogeenet-demo.json").read_text())
+    meta["sha256"] = "0" * 64
+    (tmp_path / "apogeenet-demo.json").write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match="corrupt or was replaced"):
+        load_demo_model(directory=tmp_path)
+    (tmp_path / "apogeenet-demo.json").unlink()
+    with pytest.raises(WeightsError, match="missing"):
+        load_demo_model(directory=tmp_path)
+
+
+def test_engine_without_weights_runs_the_demo_and_says_so(caplog):
+    with caplog.at_level(logging.WARNING):
+        estimator = Estimator.from_config(EngineConfig(weights=None, device="cpu", num_draws=0))
+    assert estimator.weights_info.name == DEMO_MODEL_NAME
+    assert "DEMONSTRATION" in caplog.text
+    random = Estimator.from_config(EngineConfig(weights=None, allow_random_weights=True, device="cpu", num_draws=0))
+    assert not random.weights_info.trained  # random weights only on explicit request
+
+
+@pytest.fixture(scope="module")
+def real_records(demo):
+    spectra = read_apstar(GIANT_FILE, visits=True) + read_apstar(DWARF_FILE, visits=True)
+    estimator = Estimator(demo, num_draws=8, seed=0, device="cpu")
+    records = estimator.estimate(
+        np.stack([s.flux for s in spectra]), np.stack([s.ivar for s in spectra]), [s.spectrum_id for s in spectra]
+    )
+    return {s.spectrum_id.split("-", 2)[2]: r for s, r in zip(spectra, records)}
+
+
+def test_real_k_dwarf_is_a_k_dwarf(real_records):
+    for key in ("2M19485057+5005279:coadd", "2M19485057+5005279:visit1"):
+        r = real_records[key]
+        assert 4700 < r["teff"] < 5700, r
+        assert r["logg"] > 4.2, r
+        assert -0.8 < r["fe_h"] < 0.4, r
+        assert r["flag_bad"] is False or r["flag_bad"] == 0, r
+
+
+def test_real_cool_giant_is_a_cool_giant(real_records):
+    """~3700 K, log g ~0.5 is outside the emulators' box (>= 3884 K, >= 1.24): the model can only
+    place it at the cool, low-gravity edge of what it was trained on."""
+    for which in ("coadd", "visit1", "visit2", "visit3"):
+        r = real_records[f"2M17335483-2753043:{which}"]
+        assert r["teff"] < 4300, r
+        assert r["logg"] < 2.0, r
+        assert -1.0 < r["fe_h"] < 0.5, r
+
+
+def test_visits_of_one_star_agree_within_their_uncertainties(real_records):
+    visits = [real_records[f"2M17335483-2753043:visit{i}"] for i in (1, 2, 3)]
+    for label in ("teff", "logg", "fe_h"):
+        for a in visits:
+            for b in visits:
+                assert abs(a[label] - b[label]) <= 2 * np.hypot(a[f"e_{label}"], b[f"e_{label}"]), (label, a, b)
