@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .model import ApogeeNet
+from .model import ApogeeNet, ModelSizes, load_model
 from .preprocess import network_inputs
 from .synthetic import LABEL_NAMES, SpectrumGenerator
 from .uncertainty import FE_H_NORM, LOG_TEFF_NORM, LOGG_NORM
@@ -68,6 +68,7 @@ class TrainSettings:
     threads: int = 2
     bn_recalibration_spectra: int = 1024
     sizes: dict = field(default_factory=lambda: dict(DEMO_SIZES))
+    init_from: str | None = None
 
 
 def normalise_targets(labels: np.ndarray) -> np.ndarray:
@@ -219,15 +220,29 @@ def train(settings: TrainSettings, output: str | Path, description: str | None =
     log.info("generating %d training + %d validation spectra", settings.n_train, settings.n_val)
     data = build_set(settings.n_train, settings.seed, settings.snr_range, settings.dwarf_fraction)
     targets = torch.from_numpy(normalise_targets(data.labels))
-    val = SpectrumGenerator(settings.dwarf_fraction).generate(
+    val = SpectrumGenerator().generate(  # the prior's dwarf share, whatever the training emphasis
         settings.n_val, tuple(settings.val_snr_range), seed=settings.seed + 7_777_777
     )
     val_inputs = observed_inputs(val.flux, val.ivar)
     val_truth = val.labels[:, :3]
     generation_seconds = time.perf_counter() - started
 
-    model = ApogeeNet(**settings.sizes)
-    initialise(model)
+    parent = None
+    if settings.init_from:
+        # fine-tuning: start from a trained checkpoint of the same sizes (recorded in the metadata)
+        sizes = ModelSizes(**{**settings.sizes, "channels": tuple(settings.sizes["channels"])})
+        model = load_model(settings.init_from, device="cpu", sizes=sizes)
+        model.train()
+        parent_meta = Path(settings.init_from).with_suffix(".json")
+        parent = {
+            "checkpoint": Path(settings.init_from).name,
+            "sha256": model.weights_info.sha256,
+            "metadata": json.loads(parent_meta.read_text()) if parent_meta.exists() else None,
+        }
+        log.info("fine-tuning from %s (sha256 %s)", settings.init_from, model.weights_info.sha256[:12])
+    else:
+        model = ApogeeNet(**settings.sizes)
+        initialise(model)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("network %s: %d parameters", settings.sizes, n_params)
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -246,7 +261,8 @@ def train(settings: TrainSettings, output: str | Path, description: str | None =
         running, seen = 0.0, 0
         for k in range(steps_per_epoch):
             index = np.sort(order[k * settings.batch_size : (k + 1) * settings.batch_size])
-            ramp = (step / total_steps - settings.draw_ramp[0]) / (settings.draw_ramp[1] - settings.draw_ramp[0])
+            start, full = settings.draw_ramp
+            ramp = 1.0 if full <= start else (step / total_steps - start) / (full - start)
             draw_fraction = settings.draw_fraction * min(max(ramp, 0.0), 1.0)
             inputs = make_inputs(data, index, rng, settings.snr_range, draw_fraction, settings.level_sigma)
             loss = nn.functional.mse_loss(model(inputs), targets[index])
@@ -334,6 +350,7 @@ def train(settings: TrainSettings, output: str | Path, description: str | None =
         "seed": settings.seed,
         "validation": {"spectra": settings.n_val, "seed": settings.seed + 7_777_777, "overall": final, "by_snr": by_snr},
         "history": history,
+        "fine_tuned_from": parent,
         "timing": {
             "generation_seconds": round(generation_seconds, 1),
             "training_seconds": round(train_seconds, 1),
@@ -370,6 +387,11 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--pooled-length", type=int, default=DEMO_SIZES["pooled_length"])
     parser.add_argument("--linear-width", type=int, default=DEMO_SIZES["linear_width"])
     parser.add_argument("--linear-layers", type=int, default=DEMO_SIZES["linear_layers"])
+    parser.add_argument("--dwarf-fraction", type=float, default=defaults.dwarf_fraction,
+                        help="share of main-sequence stars in the training set (validation keeps the prior's)")
+    parser.add_argument("--init-from", default=None,
+                        help="fine-tune this checkpoint (same sizes) instead of starting from random weights; "
+                             "the Monte Carlo-like inputs are then used from the first step")
     parser.set_defaults(func=cmd_train)
     return parser
 
@@ -389,6 +411,8 @@ def cmd_train(args: argparse.Namespace, config=None) -> int:
         TrainSettings(),
         n_train=args.n_train, n_val=args.n_val, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, seed=args.seed, threads=args.threads, sizes=sizes,
+        dwarf_fraction=args.dwarf_fraction, init_from=args.init_from,
+        draw_ramp=(0.0, 0.0) if args.init_from else TrainSettings.draw_ramp,
     )
     metadata = train(settings, args.output)
     overall = metadata["validation"]["overall"]
