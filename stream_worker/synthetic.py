@@ -16,7 +16,10 @@ spectrum at a chosen S/N, with chip gaps and bad pixels like the DR17 files in `
   up to ~10 % within a chip, a blue-to-red decline of 0-20 %): a log-normal overall level
   (median 400, sigma 1.2 in ln, i.e. 1e-17 erg/s/cm2/AA levels from ~40 to ~4000), times
   ``exp(global tilt + per-chip offset, slope and curvature + a weak ripple)``.
-* Error: photon noise ``sqrt(flux + floor)`` with a per-chip gain and sky-line spikes, scaled
+* Night-sky line residuals (random positions, the apStar grid being the star's rest frame):
+  narrow spikes of flux, mostly positive, up to several times the continuum, where the error is
+  also ~10-50 times larger, as in the DR17 visits and coadds.
+* Error: photon noise ``sqrt(flux + floor)`` with a per-chip gain and the sky lines, scaled
   so that the median per-pixel S/N of the noise-free flux is the requested S/N (the DR17
   header ``SNR`` is the median S/N per apStar pixel). The runs of pixels next to each chip gap
   and a few short runs inside the chips carry errors of 1e10-1e13, as in DR17; their flux is
@@ -287,9 +290,33 @@ class SpectrumGenerator:
         return (level * np.exp(log_shape)).astype(np.float32)
 
     @staticmethod
-    def error_spectrum(model_flux: np.ndarray, snr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """1-sigma errors ``(N, 8575)``: ``k sqrt(flux + floor)`` times a per-chip gain and
-        sky-line spikes, ``k`` set so the median S/N of the good pixels is ``snr``. Gaps: inf;
+    def sky_lines(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Night-sky line residuals, as in the DR17 files (5-45 per spectrum there, 2-4 pixels
+        wide, flux up to 1.3-7x the continuum, error 20-50x the median): returns the error
+        factor ``(n, 8575)`` (1 + bumps, log-normal heights of median 8) and the residual flux
+        as a fraction of the continuum (80 % positive, log-normal of median 0.4, at most 8;
+        negative ones at most -0.5). Positions are random: apStar is in the star's rest frame."""
+        pixel = np.arange(N_PIXELS)
+        factor = np.ones((n, N_PIXELS))
+        residual = np.zeros((n, N_PIXELS))
+        for i in range(n):
+            centres = rng.uniform(0, N_PIXELS, rng.integers(10, 50))
+            width = rng.uniform(0.8, 1.6, len(centres))
+            near = np.abs(pixel[None, :] - centres[:, None]) < 8
+            profile = np.exp(-0.5 * ((pixel[None, :] - centres[:, None]) / width[:, None]) ** 2) * near
+            heights = np.exp(rng.normal(np.log(8.0), 0.9, len(centres)))
+            amplitude = np.minimum(np.exp(rng.normal(np.log(0.4), 1.0, len(centres))), 8.0)
+            amplitude = np.where(rng.uniform(size=len(centres)) < 0.8, amplitude, -np.minimum(amplitude, 0.5))
+            factor[i] += (heights[:, None] * profile).sum(axis=0)
+            residual[i] = (amplitude[:, None] * profile).sum(axis=0)
+        return factor, residual.astype(np.float32)
+
+    @staticmethod
+    def error_spectrum(
+        model_flux: np.ndarray, snr: np.ndarray, rng: np.random.Generator, sky_factor: np.ndarray | None = None
+    ) -> np.ndarray:
+        """1-sigma errors ``(N, 8575)``: ``k sqrt(flux + floor)`` times a per-chip gain and the
+        sky-line factor, ``k`` set so the median S/N of the good pixels is ``snr``. Gaps: inf;
         runs beside the gaps and a few short runs inside the chips: 1e10-1e13 (bad pixels)."""
         n = len(model_flux)
         gap = ~np.isfinite(model_flux)
@@ -299,13 +326,8 @@ class SpectrumGenerator:
         shape = np.sqrt(np.clip(flux, 0, None) + floor)
         for lo, hi in CHIPS:
             shape[:, lo:hi] *= np.exp(rng.normal(0, 0.1, (n, 1)))
-        pixel = np.arange(N_PIXELS)
-        for i in range(n):
-            centres = rng.uniform(0, N_PIXELS, rng.integers(20, 80))
-            heights = np.exp(rng.normal(-0.5, 1.0, len(centres)))
-            near = np.abs(pixel[None, :] - centres[:, None]) < 6
-            bumps = heights[:, None] * np.exp(-0.5 * ((pixel[None, :] - centres[:, None]) / 1.5) ** 2) * near
-            shape[i] *= 1 + bumps.sum(axis=0)
+        if sky_factor is not None:
+            shape *= sky_factor
         ratio = np.where(gap, np.nan, flux / shape)
         scale = np.nanmedian(ratio, axis=1) / np.asarray(snr, dtype=np.float64).reshape(-1)
         error = shape * scale[:, None]
@@ -363,8 +385,9 @@ class SpectrumGenerator:
             snr_values = np.exp(rng.uniform(np.log(snr[0]), np.log(snr[1]), n))
         else:
             snr_values = np.broadcast_to(np.asarray(snr, dtype=np.float64), (n,)).copy()
-        model_flux = self.normalised(labels, dwarf, rng) * self.continuum(n, rng)
-        error = self.error_spectrum(model_flux, snr_values, rng)
+        sky_factor, sky_residual = self.sky_lines(n, rng)
+        model_flux = (self.normalised(labels, dwarf, rng) + sky_residual) * self.continuum(n, rng)
+        error = self.error_spectrum(model_flux, snr_values, rng, sky_factor)
         flux, ivar = self.observe(model_flux, error, rng, visit_style=rng.uniform(size=n) < 0.5)
         return SyntheticSpectra(flux, ivar, labels, snr_values, dwarf, model_flux, error)
 

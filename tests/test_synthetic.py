@@ -108,3 +108,12 @@ def test_spectra_go_through_the_inference_preprocessing(spectra):
     clean, noisy = network_inputs(spectra.flux[0], spectra.ivar[0], noise)
     assert clean.shape == (1, 1, N_PIXELS) and noisy.shape == (2, 1, N_PIXELS)
     assert torch.isfinite(clean).all() and torch.isfinite(noisy).all()
+
+
+def test_sky_line_residuals_like_dr17(spectra):
+    """DR17 spectra show 5-45 narrow flux spikes (>1.3x the local level) with large errors."""
+    flux = np.where(np.isfinite(spectra.error) & (spectra.error < 1e5), spectra.model_flux, np.nan)
+    level = np.nanmedian(flux, axis=1, keepdims=True)
+    spikes = np.nansum(flux > 1.6 * level, axis=1)
+    assert np.median(spikes) >= 3 and spikes.max() < 400
+    assert np.nanmax(flux / level) < 12
