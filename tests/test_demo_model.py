@@ -134,3 +134,16 @@ def test_train_command_writes_a_loadable_checkpoint_and_its_metadata(tmp_path):
     meta2 = json.loads(second.with_suffix(".json").read_text())
     assert meta2["fine_tuned_from"]["sha256"] == meta["sha256"]
     assert meta2["fine_tuned_from"]["metadata"]["seed"] == 20260101
+
+
+def test_accuracy_report_regenerates_without_the_shared_data(tmp_path):
+    """``python -m stream_worker.accuracy`` at toy size on a clone without ../shared: the hold-out
+    row is skipped with a note, everything else is written."""
+    pytest.importorskip("matplotlib")
+    from stream_worker.accuracy import main as accuracy
+
+    assert accuracy(["--n", "4", "--draws", "2", "--out-dir", str(tmp_path), "--holdout", str(tmp_path / "absent.npz")]) == 0
+    text = (tmp_path / "accuracy.md").read_text()
+    assert "python -m stream_worker.accuracy --n 4 --draws 2" in text
+    assert "Skipped:" in text and "2M17335483-2753043" in text and "| 200 (" in text
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
