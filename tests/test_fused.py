@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from stream_worker.fused import FusedApogeeNet
+from stream_worker.fused import FusedApogeeNet, SpectralConv
 from stream_worker.model import ApogeeNet, random_model
 
 
@@ -23,14 +23,46 @@ def with_trained_like_batchnorm(model: ApogeeNet) -> ApogeeNet:
     return model.eval()
 
 
+@pytest.mark.parametrize("spectral", [True, False])
 @pytest.mark.parametrize("sizes", [{}, dict(channels=(4, 7, 12), pooled_length=16, linear_width=32, linear_layers=2)])
-def test_exact_fused_network_computes_the_same_function(sizes):
+def test_exact_fused_network_computes_the_same_function(sizes, spectral):
     model = with_trained_like_batchnorm(random_model(device="cpu", seed=3, **sizes))
     x = inputs()
     with torch.inference_mode():
         expected = model(x)
-        fused = FusedApogeeNet(model, "exact")(x)
+        fused = FusedApogeeNet(model, "exact", spectral=spectral)(x)
     assert torch.allclose(fused, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+
+
+def test_the_widest_convolutions_run_by_fft_on_cpu_in_exact_mode_only():
+    model = random_model(device="cpu", seed=3)
+    exact, fast = FusedApogeeNet(model, "exact"), FusedApogeeNet(model, "fast")
+    spectral = [name for name, module in exact.named_modules() if isinstance(module, SpectralConv)]
+    assert spectral == ["res_blocks.3.conv1", "res_blocks.3.conv2"]  # 32->64 and 64->64: 3/4 of the work
+    assert not any(isinstance(module, SpectralConv) for module in fast.modules())  # bfloat16 stays direct
+    assert not any(isinstance(m, SpectralConv) for m in FusedApogeeNet(model, "exact", spectral=False).modules())
+
+
+@pytest.mark.parametrize("in_channels, out_channels, taps, padding, length, tile", [
+    (64, 64, 30, 14, 4288, 128),  # the last block's second convolution
+    (32, 64, 30, 15, 4288, 128),  # its first (output one sample longer)
+    (3, 5, 8, 4, 1000, 32),       # a tile that does not divide the output; small kernel
+    (2, 2, 30, 15, 31, 64),       # an input shorter than one tile
+])
+def test_fft_convolution_equals_the_direct_sum(in_channels, out_channels, taps, padding, length, tile):
+    torch.manual_seed(4)
+    conv = torch.nn.Conv2d(in_channels, out_channels, (1, taps), padding=(0, padding))
+    x = torch.randn(3, in_channels, 1, length)
+    with torch.inference_mode():
+        expected = conv(x)
+        got = SpectralConv(conv, tile)(x.contiguous(memory_format=torch.channels_last))
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=2e-6 * expected.abs().max().item(), rtol=0)
+
+
+def test_fft_tile_must_exceed_the_kernel():
+    with pytest.raises(ValueError, match="tile"):
+        SpectralConv(torch.nn.Conv2d(1, 1, (1, 30)), tile=30)
 
 
 def test_fast_network_stays_close_and_keeps_float32_at_the_ends():
