@@ -12,6 +12,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from kafka import KafkaConsumer, KafkaProducer
@@ -22,6 +23,7 @@ from stream_worker.devtools.worker_process import WorkerProcess
 from stream_worker.inference import Estimator
 from stream_worker.messages import encode_inline
 from stream_worker.model import ApogeeNet, load_model, random_model
+from stream_worker.pipeline import FileReader, Pipeline
 from stream_worker.spectrum import Spectrum
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,6 +103,21 @@ def engine_alone(weights: Path | None, n: int, **settings) -> float:
     return n / (time.perf_counter() - started)
 
 
+def pipeline_alone(trivial: Path, n: int, batch: int = 256) -> float:
+    """The worker's per-message work without Kafka (decode, validate, preprocess, the trivial
+    network, records, JSON): what the I/O path would reach if the Kafka clients cost nothing."""
+    now = int(time.time() * 1000)
+    messages = [SimpleNamespace(topic="in", partition=0, offset=i, key=key, value=value, headers=[], timestamp=now)
+                for i, (key, value) in enumerate(encoded(n, "alone"))]
+    pipeline = Pipeline(Estimator(load_model(trivial, device="cpu"), num_draws=0), FileReader([]), "out", "dlq",
+                        4_194_304)
+    pipeline.run(messages[:batch])
+    started = time.perf_counter()
+    for start in range(0, n, batch):
+        pipeline.run(messages[start:start + batch])
+    return n / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--spectra", type=int, default=48)
@@ -116,6 +133,7 @@ def main() -> None:
         torch.save(ApogeeNet(**TRIVIAL_SIZES).state_dict(), trivial)
         results["io_path"] = run_worker_phase(kafka, tmp, "io", trivial, args.io_spectra, None,
                                               engine__num_draws=0, batching__max_spectra=256)
+        results["io_pipeline_alone_per_s"] = pipeline_alone(trivial, min(args.io_spectra, 2048))
         engine = dict(engine__num_draws=args.draws, engine__precision=args.precision, batching__max_spectra=64)
         results["backlog"] = run_worker_phase(kafka, tmp, "backlog", args.weights, args.spectra, None, **engine)
         paced = 0.5 * results["backlog"]["spectra_per_s"]
