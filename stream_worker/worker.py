@@ -76,6 +76,7 @@ class Worker:
         self.stop_deadline: float | None = None
         self.pending: list = []
         self.rebalanced = threading.Event()
+        self.joining = threading.Event()  # between "revoked" and "assigned": a rebalance in progress
         self.broker_reachable = broker_reachable
         self.last_lag_refresh = 0.0
         self.assigned: set = set()
@@ -197,16 +198,22 @@ class Worker:
         the computation) until it is full, then pause every partition (backpressure: at most one
         batch waits in memory) and only wait for the engine, polling to stay in the group.
         Prefetched messages are not the checkpoint's until their own batch starts, so stopping
-        now leaves them to be consumed again. Short waits: the end of the batch is seen at once."""
+        now leaves them to be consumed again. Short waits, so the end of the batch is seen at
+        once -- except during a rebalance: kafka-python 3.0 discards a JoinGroup that completes
+        while no poll is waiting for it and sends a new one, so a worker polling in short bursts
+        can rejoin forever; polls then are full length and back to back."""
+        full_ms = self.config.worker.poll_timeout_ms
+        joining = self.joining.is_set()
         room = self.config.batching.max_spectra - len(self.pending)
         assignment = self.consumer.assignment()
         if room > 0:
             self.consumer.resume(*assignment)
-            self._poll(min(self.config.worker.poll_timeout_ms, PREFETCH_POLL_MS), max_records=room)
+            self._poll(full_ms if joining else min(full_ms, PREFETCH_POLL_MS), max_records=room)
         else:
             self.consumer.pause(*assignment)
-            concurrent.futures.wait([batch], timeout=self.config.worker.poll_timeout_ms / 1000)
-            self._poll(0)
+            if not joining:
+                concurrent.futures.wait([batch], timeout=full_ms / 1000)
+            self._poll(full_ms if joining else 0)
 
     def _publish_and_commit(self, result: BatchResult) -> None:
         stage = "publish"
@@ -247,11 +254,13 @@ class Worker:
         so it only takes note. The main thread reconciles after its next poll."""
         log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
         self.assigned -= set(revoked)
+        self.joining.set()
         self.rebalanced.set()
 
     def on_assigned(self, assigned) -> None:
         log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
         self.assigned |= set(assigned)
+        self.joining.clear()
         self.rebalanced.set()
 
     def _after_rebalance(self) -> None:
