@@ -2,10 +2,9 @@
 
 The main thread owns the Kafka consumer. It collects a micro-batch (``batching.max_spectra``
 messages, or whatever arrived within ``batching.max_wait_seconds`` of the first), hands it to
-the engine thread, and while the engine works it keeps polling: first to fetch the next batch
-(network and decoding overlap the computation), then, once that is full, with every partition
-*paused* (backpressure: at most one batch waits), so the member stays in its group however slow
-the batch (a slow batch cannot make the group thrash), rebalances are served, and SIGTERM is seen.
+the engine thread, and while the engine works it keeps polling with every partition *paused*:
+no more data is fetched (backpressure), yet the member stays in its group however slow the
+batch (a slow batch cannot make the group thrash), rebalances are served, and SIGTERM is seen.
 Results and dead letters are then published and the offsets committed by the
 :class:`~stream_worker.checkpoint.Checkpoint`. When a rebalance takes partitions away, the
 uncommitted work of those partitions is dropped — neither published nor committed here — and
@@ -34,7 +33,6 @@ log = logging.getLogger(__name__)
 
 LAG_REFRESH_SECONDS = 5.0
 RETRY_BACKOFF_SECONDS = 1.0
-PREFETCH_POLL_MS = 20  # a fetching poll's longest wait while the engine works
 
 
 def _in_thread(function, *args) -> concurrent.futures.Future:
@@ -75,8 +73,8 @@ class Worker:
         self.stopping = threading.Event()
         self.stop_deadline: float | None = None
         self.pending: list = []
+        self.busy = False
         self.rebalanced = threading.Event()
-        self.joining = threading.Event()  # between "revoked" and "assigned": a rebalance in progress
         self.broker_reachable = broker_reachable
         self.last_lag_refresh = 0.0
         self.assigned: set = set()
@@ -170,14 +168,17 @@ class Worker:
             self.checkpoint.consumed(message)
         self.metrics.batch_size.observe(len(messages))
         batch = _in_thread(self.pipeline.run, messages)
+        self.busy = True
+        self.consumer.pause(*self.consumer.assignment())
         try:
             while not batch.done():
                 if self.stop_deadline is not None and time.monotonic() > self.stop_deadline:
                     log.warning("grace period over with a batch of %d in the engine: abandoning it uncommitted "
                                 "(it will be redelivered)", len(messages))
                     return
-                self._prefetch(batch)
+                self._poll(self.config.worker.poll_timeout_ms)
         finally:
+            self.busy = False
             self.consumer.resume(*self.consumer.assignment())
         try:
             result = batch.result()
@@ -192,28 +193,6 @@ class Worker:
         self.metrics.batch_seconds.observe(elapsed)
         if elapsed > 0.5 * self.config.kafka.max_poll_interval_ms / 1000:
             log.warning("batch took %.1f s, over half of kafka.max_poll_interval_ms", elapsed)
-
-    def _prefetch(self, batch: concurrent.futures.Future) -> None:
-        """One step while the engine works: fetch the next batch (network and decoding overlap
-        the computation) until it is full, then pause every partition (backpressure: at most one
-        batch waits in memory) and only wait for the engine, polling to stay in the group.
-        Prefetched messages are not the checkpoint's until their own batch starts, so stopping
-        now leaves them to be consumed again. Short waits, so the end of the batch is seen at
-        once -- except during a rebalance: kafka-python 3.0 discards a JoinGroup that completes
-        while no poll is waiting for it and sends a new one, so a worker polling in short bursts
-        can rejoin forever; polls then are full length and back to back."""
-        full_ms = self.config.worker.poll_timeout_ms
-        joining = self.joining.is_set()
-        room = self.config.batching.max_spectra - len(self.pending)
-        assignment = self.consumer.assignment()
-        if room > 0:
-            self.consumer.resume(*assignment)
-            self._poll(full_ms if joining else min(full_ms, PREFETCH_POLL_MS), max_records=room)
-        else:
-            self.consumer.pause(*assignment)
-            if not joining:
-                concurrent.futures.wait([batch], timeout=full_ms / 1000)
-            self._poll(full_ms if joining else 0)
 
     def _publish_and_commit(self, result: BatchResult) -> None:
         stage = "publish"
@@ -254,13 +233,11 @@ class Worker:
         so it only takes note. The main thread reconciles after its next poll."""
         log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
         self.assigned -= set(revoked)
-        self.joining.set()
         self.rebalanced.set()
 
     def on_assigned(self, assigned) -> None:
         log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
         self.assigned |= set(assigned)
-        self.joining.clear()
         self.rebalanced.set()
 
     def _after_rebalance(self) -> None:
@@ -277,6 +254,8 @@ class Worker:
             positions[tp] = max(positions.get(tp, 0), message.offset + 1)
         for tp, offset in positions.items():
             self.consumer.seek(tp, offset)
+        if self.busy:  # newly assigned partitions wait for the batch in the engine too
+            self.consumer.pause(*owned)
         for metric in self.metrics.consumer_lag.collect():
             for sample in metric.samples:
                 if TopicPartition(sample.labels["topic"], int(sample.labels["partition"])) not in owned:

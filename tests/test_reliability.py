@@ -103,27 +103,6 @@ def test_a_batch_slower_than_the_poll_interval_does_not_make_the_group_thrash(ka
     assert (batch_done - last_rebalance).total_seconds() > 8, log
 
 
-def test_a_rebalance_while_the_next_batch_waits_prefetched_completes(kafka_broker, worker_factory):
-    """A worker scaled in (KEDA) while another is mid-batch with its next batch already fetched:
-    the group must settle and share the work. (kafka-python 3.0 drops a JoinGroup that completes
-    between polls, so a busy worker polling with zero timeouts rejoined forever.)"""
-    topics = Topics().create(kafka_broker, partitions=4)
-    ids = produce_spectra(kafka_broker.bootstrap, topics.input, 48, "prefetched")
-    busy = worker_factory(kafka_broker, topics, module="tests.fault_worker", extra_env={"FAULT_SLOW_BATCH_S": "25"},
-                          batching__max_spectra=8)
-    busy.wait_ready()
-    wait_until(lambda: busy.metric("stream_worker_messages_consumed_total") >= 16, 30, "the next batch prefetched")
-    newcomer = worker_factory(kafka_broker, topics, batching__max_spectra=8)
-    newcomer.wait_ready(60)  # it gets partitions only once the group has settled
-    out = ids_of(consume(kafka_broker.bootstrap, topics.output, 48, timeout=120, settle=2))
-    assert set(out) == set(ids)
-    assert published(newcomer) > 0
-    assert busy.terminate() == 0 and newcomer.terminate() == 0
-    log = busy.tail(400)
-    assert "commit failed" not in log, log
-    assert log.count("partitions assigned") <= 3, log  # joined, rebalanced for the newcomer, no rejoin loop
-
-
 def test_burst_of_10000_and_soak_keep_memory_flat(kafka_broker, worker_factory):
     topics = Topics().create(kafka_broker, partitions=4)
     worker = worker_factory(kafka_broker, topics, batching__max_spectra=64, engine__num_draws=2)
