@@ -32,6 +32,15 @@ def real_spectra(n: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
             [f"bench-{i}:{s.spectrum_id}" for i, s in enumerate(chosen)])
 
 
+def synthetic_spectra(n: int, snr: float = 100.0, seed: int = 4242) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``n`` distinct emulated spectra (labels from the training prior, a seed training never used):
+    a realistic spread of inputs for judging a trained model's fast-mode accuracy."""
+    from stream_worker.synthetic import SpectrumGenerator
+
+    spectra = SpectrumGenerator().generate(n, snr, seed=seed)
+    return spectra.flux, spectra.ivar, [f"bench-synthetic-{i}" for i in range(n)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=("baseline", "exact", "fast"), required=True)
@@ -39,11 +48,13 @@ def main() -> None:
     parser.add_argument("--weights", default=None, help="default: full-size random weights")
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--inputs", choices=("real", "synthetic"), default="real",
+                        help="the real DR17 spectra repeated, or distinct synthetic ones at S/N 100")
     parser.add_argument("--out", required=True)
     parser.add_argument("--profile", default=None, help="also write torch.profiler's top operators here")
     args = parser.parse_args()
     model = load_model(args.weights, device="cpu") if args.weights else random_model(device="cpu", seed=0)
-    flux, ivar, ids = real_spectra(args.spectra)
+    flux, ivar, ids = (real_spectra if args.inputs == "real" else synthetic_spectra)(args.spectra)
     warm = Estimator(model, num_draws=args.draws, precision="exact" if args.mode == "baseline" else args.mode,
                      batch_size=args.batch_size)
     warm.estimate(flux[:2], ivar[:2], ["warm-0", "warm-1"])  # first-call allocations are not throughput

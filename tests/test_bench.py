@@ -18,9 +18,10 @@ def test_accuracy_cost_is_the_difference_in_units_of_the_reported_uncertainty(tm
 
 
 def test_max_relative_difference(tmp_path):
-    a = dict(teff=np.array([100.0]), logg=np.array([2.0]), fe_h=np.array([-0.5]), raw_e_teff=np.array([10.0]))
+    a = dict(teff=np.array([100.0]), logg=np.array([2.0]), fe_h=np.array([-0.5]), raw_e_teff=np.array([10.0]),
+             raw_e_logg=np.array([0.1]), raw_e_fe_h=np.array([0.1]))
     np.savez(tmp_path / "a.npz", **a)
-    np.savez(tmp_path / "b.npz", **dict(a, raw_e_teff=np.array([10.01])))
+    np.savez(tmp_path / "b.npz", **dict(a, raw_e_teff=np.array([10.01]), raw_e_logg=np.array([0.10002])))
     assert np.isclose(max_relative(tmp_path / "b.npz", tmp_path / "a.npz"), 1e-3)
 
 
@@ -30,9 +31,9 @@ def test_report_states_the_ratio_to_the_baseline_measured_in_the_same_run():
     e2e = {"exact": {"engine_alone_per_s": 4.0, "backlog": {"spectra_per_s": 3.8},
                      "paced": {"latency_p50_s": 10.0, "latency_p99_s": 20.0},
                      "io_path": {"spectra_per_s": 1200.0}, "io_pipeline_alone_per_s": 3000.0}}
-    text = report("test machine", runs, 1e-7, {"demo": {k: (0.01, 0.02) for k in ("teff", "logg", "fe_h")}},
+    text = report("test machine", runs, {"random": 1e-7, "trained": 2e-6}, {"demo": {k: (0.01, 0.02) for k in ("teff", "logg", "fe_h")}},
                   e2e, {"exact": "table"})
     assert "| (b) engine, exact fp32 (last block by FFT) | 12 | 4.00 | 0.250 | 2.00 | 1000 |" in text
     assert "| (c) engine, fast (bf16 in the last two blocks) | 12 | 8.00 | 0.125 | 4.00 | 1000 |" in text
     assert "| exact | 4.00 | 3.80 | 95% | 10.0 | 20.0 | 1200 | 3000 |" in text
-    assert "test machine" in text
+    assert "test machine" in text and "random: 1.0e-07; trained: 2.0e-06" in text
