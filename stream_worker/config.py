@@ -68,6 +68,7 @@ class EngineConfig:
     num_draws: int = 20
     seed: int = 0
     precision: str = "exact"
+    fft: bool = True
     batch_size: int | None = None
     chunk_spectra: int = 64
     num_threads: int | None = None

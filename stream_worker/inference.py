@@ -38,13 +38,17 @@ class Estimator:
         batch_size: int | None = None,
         chunk_spectra: int = 64,
         precision: str = "exact",
+        fft: bool = True,
     ) -> None:
+        """``fft``: let the fused network compute its widest float32 convolutions by FFT where that
+        was measured to pay (CPUs); ``False`` keeps the direct sums and their exact rounding."""
         if num_draws < 0 or num_draws == 1:
             raise ValueError(f"num_draws must be 0 (no uncertainties) or at least 2, got {num_draws}")
         self.device = resolve_device(device) if device is not None else next(model.parameters()).device
         model = model.eval().to(self.device)
         # the fused form computes the same function faster; other modules (test doubles) run as given
-        self.model = FusedApogeeNet(model, precision) if isinstance(model, ApogeeNet) else model
+        self.model = (FusedApogeeNet(model, precision, spectral=None if fft else False)
+                      if isinstance(model, ApogeeNet) else model)
         self.precision = precision
         self.num_draws = int(num_draws)
         self.seed = 0 if seed is None else int(seed)
@@ -80,6 +84,7 @@ class Estimator:
             batch_size=engine.batch_size,
             chunk_spectra=engine.chunk_spectra,
             precision=engine.precision,
+            fft=engine.fft,
         )
 
     def estimate(self, flux: np.ndarray, ivar: np.ndarray, ids: Sequence[str] | None = None) -> list[dict]:

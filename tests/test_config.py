@@ -27,12 +27,14 @@ def test_environment_overrides(tmp_path):
         "STREAM_WORKER__BATCHING__MAX_WAIT_SECONDS": "2",
         "STREAM_WORKER__ENGINE__WEIGHTS": "$MWM_ASTRA/pipelines/ANet/deconstructed_model",
         "STREAM_WORKER__KAFKA__INPUT_TOPICS": "a,b",
+        "STREAM_WORKER__ENGINE__FFT": "false",
     }
     config = load_config(CONFIG, environ=env)
     assert config.kafka.bootstrap_servers == ["kafka-0:9092", "kafka-1:9092"]
     assert config.batching.max_wait_seconds == 2.0
     assert config.engine.weights.startswith("$MWM_ASTRA")
     assert config.kafka.input_topics == ["a", "b"]
+    assert config.engine.fft is False
 
 
 @pytest.mark.parametrize(

@@ -160,3 +160,21 @@ def test_teff_conversion(tiny_model, spectra, records):
     r = records[0]
     assert math.isfinite(r["teff"]) and r["teff"] > 0
     assert r["raw_e_teff"] / (r["teff"] * math.log(10)) > 0
+
+
+def test_engine_fft_switch_keeps_the_numbers_and_can_be_turned_off(spectra):
+    """engine.fft: the last block's wide convolutions by FFT (CPU default) or by direct sums;
+    same records to float32 rounding either way."""
+    from stream_worker.config import EngineConfig
+    from stream_worker.fused import SpectralConv
+    from stream_worker.model import random_model
+
+    model = random_model(device="cpu", seed=5, channels=(4, 8, 16, 32, 64), pooled_length=8, linear_width=16,
+                         linear_layers=1)
+    flux, ivar = spectra
+    by_fft, direct = Estimator(model, num_draws=4, fft=True), Estimator(model, num_draws=4, fft=False)
+    assert any(isinstance(m, SpectralConv) for m in by_fft.model.modules())
+    assert not any(isinstance(m, SpectralConv) for m in direct.model.modules())
+    for a, b in zip(by_fft.estimate(flux, ivar), direct.estimate(flux, ivar)):
+        assert_same_result(a, b)
+    assert EngineConfig().fft is True
