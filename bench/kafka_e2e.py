@@ -12,7 +12,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from kafka import KafkaConsumer, KafkaProducer
@@ -25,6 +24,7 @@ from stream_worker.messages import encode_inline
 from stream_worker.model import ApogeeNet, load_model, random_model
 from stream_worker.pipeline import FileReader, Pipeline
 from stream_worker.spectrum import Spectrum
+from tests.helpers import consumed
 
 REPO = Path(__file__).resolve().parent.parent
 TRIVIAL_SIZES = dict(channels=(1, 1), kernel_size=2, pooled_length=1, linear_width=1, linear_layers=0)
@@ -111,7 +111,7 @@ def pipeline_alone(trivial: Path, n: int, batch: int = 256) -> float:
     """The worker's per-message work without Kafka (decode, validate, preprocess, the trivial
     network, records, JSON): what the I/O path would reach if the Kafka clients cost nothing."""
     now = int(time.time() * 1000)
-    messages = [SimpleNamespace(topic="in", partition=0, offset=i, key=key, value=value, headers=[], timestamp=now)
+    messages = [consumed(value, key=key, offset=i, topic="in", timestamp=now)
                 for i, (key, value) in enumerate(encoded(n, "alone"))]
     pipeline = Pipeline(Estimator(load_model(trivial, device="cpu"), num_draws=0), FileReader([]), "out", "dlq",
                         4_194_304)

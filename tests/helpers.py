@@ -1,4 +1,5 @@
-"""Shared builders for tests: small networks and realistic-looking spectra."""
+"""Shared builders for tests (and the benchmarks): small networks, realistic-looking spectra,
+consumed messages."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from kafka.consumer.fetcher import ConsumerRecord
 
 from stream_worker.model import N_PIXELS, random_model
 
@@ -46,3 +48,12 @@ class Explodes(torch.nn.Module):
         if torch.any(x[:, 0, 400] > 7.25):  # log(1500) = 7.31; normal pixels are below log(1200)
             raise RuntimeError("boom")
         return self.inner(x)
+
+
+def consumed(value, key=b"key", offset=0, headers=None, topic="apogee.spectra", partition=0,
+             timestamp=1_764_000_000_000):
+    """A message as kafka-python's consumer hands it over."""
+    return ConsumerRecord(
+        topic, partition, -1, offset, timestamp, 0, key, value, list(headers or []), None,
+        -1 if key is None else len(key), -1 if value is None else len(value), -1,
+    )

@@ -25,14 +25,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kafka.consumer.fetcher import ConsumerRecord
 
 from stream_worker.inference import Estimator
 from stream_worker.messages import DTYPES, encode_inline, encode_reference
 from stream_worker.model import N_PIXELS
 from stream_worker.pipeline import FileReader, Pipeline
 from stream_worker.spectrum import SPECTRUM_KINDS, InputError, Spectrum
-from tests.helpers import DWARF_FILE, GIANT_FILE, small_model, synthetic_spectra
+from tests.helpers import DWARF_FILE, GIANT_FILE, consumed, small_model, synthetic_spectra
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning"),  # float64 → float32 inf
@@ -80,11 +79,6 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipeline(root):
     return Pipeline(Estimator(small_model(), num_draws=2), FileReader([str(root)]), OUTPUT, DEAD, 1_000_000)
-
-
-def consumed(value, offset=0, key=b"k"):
-    return ConsumerRecord("apogee.spectra", 0, -1, offset, 1_764_000_000_000, 0, key, value, [], None,
-                          len(key), -1 if value is None else len(value), -1)
 
 
 def frame(header, payload: bytes = b"") -> bytes:

@@ -16,7 +16,6 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
-from kafka.consumer.fetcher import ConsumerRecord
 
 from stream_worker.flags import ResultFlags
 from stream_worker.inference import Estimator
@@ -27,7 +26,7 @@ from stream_worker.model import N_PIXELS
 from stream_worker.pipeline import FileReader, Pipeline
 from stream_worker.records import RESULT_FIELDS
 from stream_worker.spectrum import InputError, Spectrum
-from tests.helpers import DATA, DWARF_FILE, GIANT_FILE, Explodes, small_model, synthetic_spectra
+from tests.helpers import DATA, DWARF_FILE, GIANT_FILE, Explodes, consumed, small_model, synthetic_spectra
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "messages.md"
 GIANT_ID = "2M17335483-2753043"
@@ -63,15 +62,6 @@ def split(value: bytes) -> tuple[dict, bytes]:
     magic, length = struct.unpack_from("<4sI", value)
     assert magic == b"APSP"
     return json.loads(value[8 : 8 + length]), value[8 + length :]
-
-
-def consumed(value, key=b"key", offset=0, headers=None, topic="apogee.spectra", partition=0,
-             timestamp=1_764_000_000_000):
-    """A message as kafka-python's consumer hands it over."""
-    return ConsumerRecord(
-        topic, partition, -1, offset, timestamp, 0, key, value, list(headers or []), None,
-        -1 if key is None else len(key), -1 if value is None else len(value), -1,
-    )
 
 
 def strict_json(data: bytes):
