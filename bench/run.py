@@ -167,8 +167,9 @@ def report(described, runs, exact_vs_baseline, costs, e2e, profiles) -> str:
             "Sustained rate: a backlog of inline spectrum messages drained by `stream-worker run` (batches of",
             "64), counted after the first batch (its warm-up and group join are not throughput), against the",
             "engine alone on as many spectra after a warm-up. Latency: input message timestamp to the result",
-            "arriving at a consumer, at half the sustained rate. I/O path: the same worker with a trivial network and no draws, so decode, preprocessing,",
-            "encode, produce (acks=all) and commit are all that is left; and the same per-message work",
+            "arriving at a consumer, at half the sustained rate. I/O path: the same worker with a trivial",
+            "network and no draws, so decode, preprocessing, encode, produce (acks=all) and commit are all that",
+            "is left; and the same per-message work",
             "in-process without Kafka (what the I/O path would reach if the Kafka clients cost nothing).",
             "",
             "| precision | engine alone (spectra/s) | through Kafka (spectra/s) | Kafka / engine | latency p50 (s) | "

@@ -31,8 +31,8 @@ def test_report_states_the_ratio_to_the_baseline_measured_in_the_same_run():
     e2e = {"exact": {"engine_alone_per_s": 4.0, "backlog": {"spectra_per_s": 3.8},
                      "paced": {"latency_p50_s": 10.0, "latency_p99_s": 20.0},
                      "io_path": {"spectra_per_s": 1200.0}, "io_pipeline_alone_per_s": 3000.0}}
-    text = report("test machine", runs, {"random": 1e-7, "trained": 2e-6}, {"demo": {k: (0.01, 0.02) for k in ("teff", "logg", "fe_h")}},
-                  e2e, {"exact": "table"})
+    costs = {"demo": {k: (0.01, 0.02) for k in ("teff", "logg", "fe_h")}}
+    text = report("test machine", runs, {"random": 1e-7, "trained": 2e-6}, costs, e2e, {"exact": "table"})
     assert "| (b) engine, exact fp32 (last block by FFT) | 12 | 4.00 | 0.250 | 2.00 | 1000 |" in text
     assert "| (c) engine, fast (bf16 in the last two blocks) | 12 | 8.00 | 0.125 | 4.00 | 1000 |" in text
     assert "| exact | 4.00 | 3.80 | 95% | 10.0 | 20.0 | 1200 | 3000 |" in text
