@@ -34,6 +34,19 @@ def test_exact_fused_network_computes_the_same_function(sizes, spectral):
     assert torch.allclose(fused, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("precision, spectral", [("exact", True), ("exact", False), ("fast", False)])
+def test_a_row_gives_the_same_bits_among_any_number_of_rows(precision, spectral):
+    """Kernels block (and round) by shape; fixed-size passes make a row's output independent of
+    how many rows share its call and where it sits among them."""
+    network = FusedApogeeNet(with_trained_like_batchnorm(random_model(device="cpu", seed=3)), precision,
+                             spectral=spectral)
+    x = inputs(21)
+    with torch.inference_mode():
+        together = network(x)
+        for part in (slice(0, 1), slice(4, 9), slice(20, 21), slice(3, 20)):
+            assert torch.equal(network(x[part]), together[part]), part
+
+
 def test_the_widest_convolutions_run_by_fft_on_cpu_in_exact_mode_only():
     model = random_model(device="cpu", seed=3)
     exact, fast = FusedApogeeNet(model, "exact"), FusedApogeeNet(model, "fast")
