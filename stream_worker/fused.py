@@ -81,7 +81,7 @@ class SpectralConv(nn.Module):
         return out.unsqueeze(2)
 
 
-def _fast_conv(conv: nn.Conv2d, spectral: bool) -> nn.Module:
+def _float32_conv(conv: nn.Conv2d, spectral: bool) -> nn.Module:
     """``conv`` itself, or its FFT form where that is faster in float32 (wide channels, long kernel)."""
     out_channels, in_channels, _, taps = conv.weight.shape
     wide = taps >= SPECTRAL_MIN_TAPS and in_channels * out_channels >= SPECTRAL_MIN_CHANNEL_PRODUCT
@@ -96,8 +96,8 @@ class FusedResBlock(nn.Module):
     def __init__(self, block, dtype: torch.dtype, spectral: bool = False) -> None:
         super().__init__()
         if dtype == torch.float32:
-            self.conv1 = _fast_conv(_folded_conv(block.conv1, block.bn1), spectral)
-            self.conv2 = _fast_conv(_folded_conv(block.conv2, block.bn2), spectral)
+            self.conv1 = _float32_conv(_folded_conv(block.conv1, block.bn1), spectral)
+            self.conv2 = _float32_conv(_folded_conv(block.conv2, block.bn2), spectral)
         else:  # direct bfloat16 is faster than the float32 FFT
             self.conv1 = _folded_conv(block.conv1, block.bn1).to(dtype)
             self.conv2 = _folded_conv(block.conv2, block.bn2).to(dtype)

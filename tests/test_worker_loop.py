@@ -9,10 +9,10 @@ import time
 
 from kafka.structs import TopicPartition
 
+from stream_worker import worker as worker_module
 from stream_worker.config import load_config
 from stream_worker.metrics import Metrics
 from stream_worker.pipeline import BatchResult
-from stream_worker import worker as worker_module
 from stream_worker.worker import Worker
 from tests.helpers import consumed
 
@@ -45,6 +45,7 @@ class FakeConsumer:
         self.paused: set = set()
         self.events: list[tuple[str, object]] = []
         self.paused_polls = 0
+        self.committed_at: float | None = None
 
     def assignment(self) -> set:
         return {PARTITION}
