@@ -2,16 +2,17 @@
 
 Same function, less work: each BatchNorm (eval mode: a fixed affine map) is folded into the
 convolution before it; the convolutions run as ``(1 x k)`` 2-D convolutions in channels-last
-layout, which oneDNN executes markedly faster on CPUs; and on CPUs the widest ones (the last
-residual block: ~70% of all arithmetic) are computed by FFT (overlap-save), which needs several
-times fewer multiplications than the direct sum for a 30-tap kernel and agrees with it to float32
-rounding. Outputs agree with the module to float32 rounding (tests/test_fused.py).
+layout, which oneDNN executes markedly faster on CPUs; and on CPUs the residual blocks' 30-tap
+convolutions are computed by FFT (overlap-save), which needs several times fewer multiplications
+than the direct sum and agrees with it to float32 rounding. Outputs agree with the module to
+float32 rounding (tests/test_fused.py).
 
-``precision="fast"`` instead runs the convolutions of the last two residual blocks directly in
-bfloat16 (twice as fast as direct float32 where the CPU has AVX512-BF16 or AMX, and on GPUs; a
-little faster than the float32 FFT), while the residual stream, the input scaling, the first
-convolutions, the pooling and the dense head stay in float32, where reduced precision would cost
-accuracy."""
+``precision="fast"`` runs the convolutions of the last two residual blocks directly in bfloat16
+where they are not computed by FFT (GPUs, or ``spectral=False``), while the residual stream, the
+input scaling, the first convolutions, the pooling and the dense head stay in float32, where
+reduced precision would cost accuracy. On CPUs the float32 FFT form is faster than direct
+bfloat16 (3.0 vs 4.1 ms per row for the last block on a 2-core AVX512-BF16 EPYC without AMX), so
+there fast mode computes exactly what exact mode does."""
 
 from __future__ import annotations
 
@@ -36,49 +37,54 @@ def _folded_conv(conv: nn.Conv1d, bn: nn.BatchNorm1d) -> nn.Conv2d:
     return folded.to(memory_format=torch.channels_last)
 
 
-# Where the FFT pays on a CPU (measured, 2-core AVX-512 EPYC): 32->64 and 64->64 channels at 30
-# taps run 1.6-2x faster than oneDNN's direct convolution; 32->32 barely, narrower ones not at all.
+# Where the FFT pays on a CPU (measured per residual block, 16-row passes, 2-core AVX-512 EPYC): every
+# residual block of the full-size network, from 4->8 channels (0.25 vs 0.32 ms per row) to the last
+# block (3.0 vs 7.5 ms per row; 4.1 in direct bfloat16). Tiles of 256 samples (227 outputs each) and
+# 2 spectra per pass, so that a pass's spectra stay in cache, were fastest.
 SPECTRAL_MIN_TAPS = 16
-SPECTRAL_MIN_CHANNEL_PRODUCT = 2048
-SPECTRAL_TILE = 128
+SPECTRAL_MIN_CHANNEL_PRODUCT = 32
+SPECTRAL_TILE = 256
+SPECTRAL_ROWS = 2
 
 
 class SpectralConv(nn.Module):
     """A folded ``(1 x k)`` convolution computed by FFT, overlap-save: the padded input is cut
     into overlapping tiles of ``tile`` samples, each gives ``tile - k + 1`` outputs, and the
-    channel mixing is one complex matrix product per frequency (rows = spectra x tiles, which
-    keeps the products large). Float32 throughout; takes ``(B, C, 1, L)`` in any memory format
-    and returns ``(B, C_out, 1, L_out)``."""
+    channel mixing is one complex matrix product per frequency over all tiles of ``rows``
+    spectra. Float32 throughout; agrees with the direct sum to float32 rounding. Takes
+    ``(B, C, 1, L)`` in any memory format and returns ``(B, C_out, 1, L_out)``."""
 
-    def __init__(self, conv: nn.Conv2d, tile: int = SPECTRAL_TILE) -> None:
+    def __init__(self, conv: nn.Conv2d, tile: int = SPECTRAL_TILE, rows: int = SPECTRAL_ROWS) -> None:
         super().__init__()
         kernel = conv.weight.detach().float().squeeze(2)  # (out, in, k)
-        self.taps = kernel.shape[-1]
+        self.out_channels, _, self.taps = kernel.shape
         if tile <= self.taps:
             raise ValueError(f"FFT tile {tile} must exceed the kernel ({self.taps} taps)")
-        self.tile = tile
+        self.tile, self.rows = tile, rows
         self.padding = conv.padding[1]
         # cross-correlation = convolution with the reversed kernel; (frequencies, in, out) for bmm
         spectrum = torch.fft.rfft(torch.flip(kernel, [-1]), n=tile)
         self.register_buffer("kernel_spectrum", spectrum.permute(2, 1, 0).contiguous())
-        self.register_buffer("bias", conv.bias.detach().float()[:, None].clone())
+        self.register_buffer("bias", conv.bias.detach().float()[:, None, None].clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.squeeze(2).float()  # (B, C, L)
-        batch, channels, length = x.shape
+        batch, _, length = x.shape
         valid = self.tile - self.taps + 1
         out_length = length + 2 * self.padding - self.taps + 1
         tiles = -(-out_length // valid)
         right = tiles * valid + self.taps - 1 - length - self.padding
-        padded = F.pad(x, (self.padding, right)).unfold(-1, self.tile, valid)  # (B, C, T, tile)
-        spectra = torch.fft.rfft(padded)  # (B, C, T, F)
-        frequencies = spectra.shape[-1]
-        mixed = torch.bmm(spectra.permute(3, 0, 2, 1).reshape(frequencies, batch * tiles, channels),
-                          self.kernel_spectrum)  # (F, B*T, out)
-        mixed = mixed.view(frequencies, batch, tiles, -1).permute(1, 3, 2, 0)  # (B, out, T, F)
-        out = torch.fft.irfft(mixed, n=self.tile)[..., self.taps - 1:]  # (B, out, T, valid)
-        out = out.reshape(batch, -1, tiles * valid)[..., :out_length] + self.bias
-        return out.unsqueeze(2)
+        out = x.new_empty(batch, self.out_channels, tiles * valid)
+        for first in range(0, batch, self.rows):
+            part = F.pad(x[first : first + self.rows], (self.padding, right)).unfold(-1, self.tile, valid)
+            spectra = torch.fft.rfft(part)  # (rows, C, T, F)
+            rows, channels, _, frequencies = spectra.shape
+            mixed = torch.bmm(spectra.permute(3, 0, 2, 1).reshape(frequencies, rows * tiles, channels),
+                              self.kernel_spectrum)  # (F, rows*T, out)
+            mixed = mixed.view(frequencies, rows, tiles, -1).permute(1, 3, 2, 0)  # (rows, out, T, F)
+            torch.add(torch.fft.irfft(mixed, n=self.tile)[..., self.taps - 1 :], self.bias,
+                      out=out[first : first + rows].view(rows, self.out_channels, tiles, valid))
+        return out[..., :out_length].unsqueeze(2)
 
 
 def _float32_conv(conv: nn.Conv2d, spectral: bool) -> nn.Module:
@@ -98,7 +104,7 @@ class FusedResBlock(nn.Module):
         if dtype == torch.float32:
             self.conv1 = _float32_conv(_folded_conv(block.conv1, block.bn1), spectral)
             self.conv2 = _float32_conv(_folded_conv(block.conv2, block.bn2), spectral)
-        else:  # direct bfloat16 is faster than the float32 FFT
+        else:
             self.conv1 = _folded_conv(block.conv1, block.bn1).to(dtype)
             self.conv2 = _folded_conv(block.conv2, block.bn2).to(dtype)
         self.first_channel = block.shortcut_padding[2]
@@ -122,7 +128,7 @@ class FusedApogeeNet(nn.Module):
 
     def __init__(self, model: ApogeeNet, precision: str = "exact", trunk_rows: int | None = None,
                  spectral: bool | None = None) -> None:
-        """``spectral``: FFT for the widest convolutions; by default on CPUs, where it was measured.
+        """``spectral``: FFT for the residual blocks' convolutions; by default on CPUs, where it was measured.
         ``trunk_rows``: rows per trunk pass; by default ``TRUNK_ROWS`` for the model's device."""
         super().__init__()
         if precision not in PRECISIONS:
@@ -133,8 +139,9 @@ class FusedApogeeNet(nn.Module):
             spectral = device_type == "cpu"
         self.pos_enc = model.pos_enc
         self.first_conv = _folded_conv(model.first_conv.conv_layer, model.first_conv.bn)
-        # fast: bfloat16 convolutions in the last two blocks, which hold ~95% of the arithmetic
-        fast_from = len(model.res_blocks) - 2 if precision == "fast" else len(model.res_blocks)
+        # fast: bfloat16 convolutions in the last two blocks (~95% of the arithmetic), unless they
+        # run by FFT, which is faster than direct bfloat16 where it is used
+        fast_from = len(model.res_blocks) - 2 if precision == "fast" and not spectral else len(model.res_blocks)
         self.res_blocks = nn.ModuleList(
             FusedResBlock(block, torch.bfloat16 if i >= fast_from else torch.float32, spectral)
             for i, block in enumerate(model.res_blocks)

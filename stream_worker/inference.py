@@ -40,7 +40,7 @@ class Estimator:
         precision: str = "exact",
         fft: bool = True,
     ) -> None:
-        """``fft``: let the fused network compute its widest float32 convolutions by FFT where that
+        """``fft``: let the fused network compute its residual blocks' convolutions by FFT where that
         was measured to pay (CPUs); ``False`` keeps the direct sums and their exact rounding."""
         if num_draws < 0 or num_draws == 1:
             raise ValueError(f"num_draws must be 0 (no uncertainties) or at least 2, got {num_draws}")

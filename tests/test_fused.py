@@ -47,18 +47,33 @@ def test_a_row_gives_the_same_bits_among_any_number_of_rows(precision, spectral)
             assert torch.equal(network(x[part]), together[part]), part
 
 
-def test_the_widest_convolutions_run_by_fft_on_cpu_in_exact_mode_only():
+def test_the_residual_convolutions_run_by_fft_on_cpu_in_both_precisions():
     model = random_model(device="cpu", seed=3)
-    exact, fast = FusedApogeeNet(model, "exact"), FusedApogeeNet(model, "fast")
-    spectral = [name for name, module in exact.named_modules() if isinstance(module, SpectralConv)]
-    assert spectral == ["res_blocks.3.conv1", "res_blocks.3.conv2"]  # 32->64 and 64->64: 3/4 of the work
-    assert not any(isinstance(module, SpectralConv) for module in fast.modules())  # bfloat16 stays direct
+    for precision in ("exact", "fast"):
+        network = FusedApogeeNet(model, precision)
+        spectral = [name for name, module in network.named_modules() if isinstance(module, SpectralConv)]
+        assert spectral == [f"res_blocks.{i}.conv{j}" for i in range(4) for j in (1, 2)]
+        assert all(p.dtype == torch.float32 for p in network.parameters())  # faster than bfloat16 here
     assert not any(isinstance(m, SpectralConv) for m in FusedApogeeNet(model, "exact", spectral=False).modules())
 
 
+def test_fast_mode_on_cpu_computes_what_exact_mode_does():
+    network = with_trained_like_batchnorm(random_model(device="cpu", seed=3))
+    x = inputs()
+    with torch.inference_mode():
+        assert torch.equal(FusedApogeeNet(network, "fast")(x), FusedApogeeNet(network, "exact")(x))
+
+
+def test_short_kernels_and_narrow_channels_stay_direct():
+    model = random_model(device="cpu", seed=3, channels=(2, 3, 5), kernel_size=8, pooled_length=4,
+                         linear_width=4, linear_layers=1)
+    assert not any(isinstance(m, SpectralConv) for m in FusedApogeeNet(model, "exact").modules())
+
+
 @pytest.mark.parametrize("in_channels, out_channels, taps, padding, length, tile", [
-    (64, 64, 30, 14, 4288, 128),  # the last block's second convolution
-    (32, 64, 30, 15, 4288, 128),  # its first (output one sample longer)
+    (64, 64, 30, 14, 4288, 256),  # the last block's second convolution
+    (32, 64, 30, 15, 4288, 256),  # its first (output one sample longer)
+    (4, 8, 30, 15, 4288, 256),    # the first block's first
     (3, 5, 8, 4, 1000, 32),       # a tile that does not divide the output; small kernel
     (2, 2, 30, 15, 31, 64),       # an input shorter than one tile
 ])
@@ -68,7 +83,7 @@ def test_fft_convolution_equals_the_direct_sum(in_channels, out_channels, taps, 
     x = torch.randn(3, in_channels, 1, length)
     with torch.inference_mode():
         expected = conv(x)
-        got = SpectralConv(conv, tile)(x.contiguous(memory_format=torch.channels_last))
+        got = SpectralConv(conv, tile, rows=2)(x.contiguous(memory_format=torch.channels_last))
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=2e-6 * expected.abs().max().item(), rtol=0)
 
@@ -79,8 +94,9 @@ def test_fft_tile_must_exceed_the_kernel():
 
 
 def test_fast_network_stays_close_and_keeps_float32_at_the_ends():
+    """Direct bfloat16 convolutions: what fast mode runs where there is no FFT form (GPUs)."""
     model = with_trained_like_batchnorm(random_model(device="cpu", seed=3))
-    fast = FusedApogeeNet(model, "fast")
+    fast = FusedApogeeNet(model, "fast", spectral=False)
     assert fast.first_conv.weight.dtype == torch.float32
     assert fast.res_blocks[0].conv1.weight.dtype == torch.float32
     assert fast.res_blocks[3].conv1.weight.dtype == torch.bfloat16

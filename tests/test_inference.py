@@ -178,7 +178,7 @@ def test_teff_conversion(tiny_model, spectra, records):
 
 
 def test_engine_fft_switch_keeps_the_numbers_and_can_be_turned_off(spectra):
-    """engine.fft: the last block's wide convolutions by FFT (CPU default) or by direct sums;
+    """engine.fft: the residual blocks' convolutions by FFT (CPU default) or by direct sums;
     same records to float32 rounding either way."""
     from stream_worker.config import EngineConfig
     from stream_worker.fused import SpectralConv
