@@ -7,14 +7,16 @@ convolutions are computed by FFT (overlap-save), which needs several times fewer
 than the direct sum and agrees with it to float32 rounding. Outputs agree with the module to
 float32 rounding (tests/test_fused.py).
 
-``precision="fast"`` runs the convolutions of the last two residual blocks directly in bfloat16
-where they are not computed by FFT (GPUs, or ``spectral=False``), while the residual stream, the
-input scaling, the first convolutions, the pooling and the dense head stay in float32, where
-reduced precision would cost accuracy. On CPUs the float32 FFT form is faster than direct
-bfloat16 (3.0 vs 4.1 ms per row for the last block on a 2-core AVX512-BF16 EPYC without AMX), so
-there fast mode computes exactly what exact mode does."""
+``precision="fast"`` is the form the engine's fast mode runs its Monte Carlo draws through: the
+dense head's first layer (65536 x 1024 in APOGEENet III, ~16% of the time on a CPU) and the
+direct convolutions of the last two residual blocks run in bfloat16; convolutions computed by FFT
+stay float32, which on CPUs is faster than direct bfloat16 (last block: 3.0 vs 4.1 ms per row on
+a 2-core AVX512-BF16 EPYC without AMX). The residual stream, the input scaling, the first
+convolutions and the pooling stay float32 everywhere."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -87,31 +89,40 @@ class SpectralConv(nn.Module):
         return out[..., :out_length].unsqueeze(2)
 
 
-def _float32_conv(conv: nn.Conv2d, spectral: bool) -> nn.Module:
-    """``conv`` itself, or its FFT form where that is faster in float32 (wide channels, long kernel)."""
+class InBFloat16(nn.Module):
+    """``module`` run in bfloat16 (weights and input rounded, float32 accumulation in oneDNN),
+    float32 in and out, so it drops into a float32 network."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.to(torch.bfloat16)).float()
+
+
+def _conv(conv: nn.Conv2d, precision: str, spectral: bool) -> nn.Module:
+    """The folded ``conv`` as it runs: by FFT in float32 where that was measured faster than direct
+    sums in either precision (30 taps, 4->8 channels and wider, on CPUs), else directly, in
+    bfloat16 for ``precision="fast"``."""
     out_channels, in_channels, _, taps = conv.weight.shape
-    wide = taps >= SPECTRAL_MIN_TAPS and in_channels * out_channels >= SPECTRAL_MIN_CHANNEL_PRODUCT
-    return SpectralConv(conv) if spectral and wide else conv
+    if spectral and taps >= SPECTRAL_MIN_TAPS and in_channels * out_channels >= SPECTRAL_MIN_CHANNEL_PRODUCT:
+        return SpectralConv(conv)
+    return InBFloat16(conv) if precision == "fast" else conv
 
 
 class FusedResBlock(nn.Module):
     """The residual block with the zero-padded shortcut added in place into its channel slice
-    (no padded copy) and in-place activations. The residual stream stays float32; with a
-    bfloat16 ``dtype`` only the convolutions (and the activation between them) run in it."""
+    (no padded copy) and in-place activations; float32 in and out."""
 
-    def __init__(self, block, dtype: torch.dtype, spectral: bool = False) -> None:
+    def __init__(self, block, precision: str = "exact", spectral: bool = False) -> None:
         super().__init__()
-        if dtype == torch.float32:
-            self.conv1 = _float32_conv(_folded_conv(block.conv1, block.bn1), spectral)
-            self.conv2 = _float32_conv(_folded_conv(block.conv2, block.bn2), spectral)
-        else:
-            self.conv1 = _folded_conv(block.conv1, block.bn1).to(dtype)
-            self.conv2 = _folded_conv(block.conv2, block.bn2).to(dtype)
+        self.conv1 = _conv(_folded_conv(block.conv1, block.bn1), precision, spectral)
+        self.conv2 = _conv(_folded_conv(block.conv2, block.bn2), precision, spectral)
         self.first_channel = block.shortcut_padding[2]
-        self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv2(F.elu(self.conv1(x.to(self.dtype)), inplace=True)).float()
+        out = self.conv2(F.elu(self.conv1(x), inplace=True))
         out[:, self.first_channel : self.first_channel + x.shape[1]] += x
         return F.elu(out, inplace=True)
 
@@ -139,15 +150,17 @@ class FusedApogeeNet(nn.Module):
             spectral = device_type == "cpu"
         self.pos_enc = model.pos_enc
         self.first_conv = _folded_conv(model.first_conv.conv_layer, model.first_conv.bn)
-        # fast: bfloat16 convolutions in the last two blocks (~95% of the arithmetic), unless they
-        # run by FFT, which is faster than direct bfloat16 where it is used
-        fast_from = len(model.res_blocks) - 2 if precision == "fast" and not spectral else len(model.res_blocks)
+        # fast: the last two blocks (~95% of the convolutions' arithmetic) and the head's first layer
+        fast_from = len(model.res_blocks) - 2
         self.res_blocks = nn.ModuleList(
-            FusedResBlock(block, torch.bfloat16 if i >= fast_from else torch.float32, spectral)
+            FusedResBlock(block, precision if i >= fast_from else "exact", spectral)
             for i, block in enumerate(model.res_blocks)
         )
         self.adapt_pool = model.adapt_pool
-        self.linear_sequential = model.linear_sequential
+        self.linear_sequential = model.linear_sequential  # shared with the module, not copied
+        if precision == "fast":
+            first, *rest = model.linear_sequential
+            self.linear_sequential = nn.Sequential(InBFloat16(copy.deepcopy(first)), *rest)
         self.weights_info = getattr(model, "weights_info", None)
         self.sizes = model.sizes
         self.precision = precision

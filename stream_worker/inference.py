@@ -46,9 +46,15 @@ class Estimator:
             raise ValueError(f"num_draws must be 0 (no uncertainties) or at least 2, got {num_draws}")
         self.device = resolve_device(device) if device is not None else next(model.parameters()).device
         model = model.eval().to(self.device)
-        # the fused form computes the same function faster; other modules (test doubles) run as given
-        self.model = (FusedApogeeNet(model, precision, spectral=None if fft else False)
-                      if isinstance(model, ApogeeNet) else model)
+        # the fused form computes the same function faster; other modules (test doubles) run as given.
+        # Fast mode: the clean rows, which give the reported values, still go through the exact
+        # form; only the Monte Carlo draws, which give the spread, through the reduced-precision one.
+        self.model = self.draws_model = model
+        if isinstance(model, ApogeeNet):
+            spectral = None if fft else False
+            self.model = self.draws_model = FusedApogeeNet(model, "exact", spectral=spectral)
+            if precision == "fast":
+                self.draws_model = FusedApogeeNet(model, "fast", spectral=spectral)
         self.precision = precision
         self.num_draws = int(num_draws)
         self.seed = 0 if seed is None else int(seed)
@@ -171,11 +177,22 @@ class Estimator:
 
     @torch.inference_mode()
     def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Unnormalised outputs ``(rows, 3)`` on the CPU, computed ``batch_size`` rows at a time.
-        On a GPU the inputs are pinned, so copies run asynchronously, and the outputs come back
-        once at the end: no synchronisation between batches."""
+        """Unnormalised outputs ``(rows, 3)`` on the CPU for whole blocks of ``1 + num_draws`` rows
+        (clean row first). With a separate draws network the clean rows and the draws go through
+        their own networks; each network sees fixed-size passes, so a row's numbers do not depend
+        on which rows share its batch."""
+        if self.draws_model is self.model or not self.num_draws:
+            return self._run(self.model, inputs)
+        blocks = inputs.view(-1, 1 + self.num_draws, *inputs.shape[1:])
+        clean = self._run(self.model, blocks[:, 0])
+        draws = self._run(self.draws_model, blocks[:, 1:].reshape(-1, *inputs.shape[1:]))
+        return torch.cat([clean.unsqueeze(1), draws.view(len(blocks), self.num_draws, -1)], 1).flatten(0, 1)
+
+    def _run(self, model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """``model`` over ``inputs``, ``batch_size`` rows at a time, unnormalised, on the CPU. On a
+        GPU the inputs are pinned, so copies run asynchronously, and the outputs come back once at
+        the end: no synchronisation between batches."""
         if self.device.type == "cuda":
             inputs = inputs.pin_memory()
-        outputs = [self.model(batch.to(self.device, non_blocking=True)).float()
-                   for batch in inputs.split(self.batch_size)]
+        outputs = [model(batch.to(self.device, non_blocking=True)).float() for batch in inputs.split(self.batch_size)]
         return unnormalise(torch.cat(outputs).cpu())

@@ -8,13 +8,16 @@ from bench.run import accuracy_cost, max_relative, report
 def test_accuracy_cost_is_the_difference_in_units_of_the_reported_uncertainty(tmp_path):
     exact = dict(teff=np.array([5000.0, 4000.0]), logg=np.array([2.0, 4.0]), fe_h=np.array([0.0, -1.0]),
                  e_teff=np.array([50.0, 20.0]), e_logg=np.array([0.1, 0.1]), e_fe_h=np.array([0.05, 0.05]))
-    fast = dict(exact, teff=np.array([5005.0, 3998.0]), logg=np.array([2.0, 4.01]), fe_h=np.array([0.0, -1.0]))
+    fast = dict(exact, teff=np.array([5005.0, 3998.0]), logg=np.array([2.0, 4.01]), fe_h=np.array([0.0, -1.0]),
+                e_teff=np.array([51.0, 20.0]))
     np.savez(tmp_path / "exact.npz", **exact)
     np.savez(tmp_path / "fast.npz", **fast)
     cost = accuracy_cost(tmp_path / "exact.npz", tmp_path / "fast.npz")
     assert np.allclose(cost["teff"], (0.1, 0.1))  # 5/50 and 2/20
     assert np.allclose(cost["logg"], (0.05, 0.1))  # median of 0 and 0.1, max 0.1
     assert cost["fe_h"] == (0.0, 0.0)
+    assert np.allclose(cost["e_teff"], (0.01, 0.02))  # of the uncertainty itself: median of 1/50 and 0
+    assert cost["e_logg"] == cost["e_fe_h"] == (0.0, 0.0)
 
 
 def test_max_relative_difference(tmp_path):
@@ -31,9 +34,11 @@ def test_report_states_the_ratio_to_the_baseline_measured_in_the_same_run():
     e2e = {"exact": {"engine_alone_per_s": 4.0, "backlog": {"spectra_per_s": 3.8},
                      "paced": {"latency_p50_s": 10.0, "latency_p99_s": 20.0},
                      "io_path": {"spectra_per_s": 1200.0}, "io_pipeline_alone_per_s": 3000.0}}
-    costs = {"demo": {k: (0.01, 0.02) for k in ("teff", "logg", "fe_h")}}
+    costs = {"demo": {k: (0.0, 0.0) for k in ("teff", "logg", "fe_h")} | {
+        k: (0.004, 0.03) for k in ("e_teff", "e_logg", "e_fe_h")}}
     text = report("test machine", runs, {"random": 1e-7, "trained": 2e-6}, costs, e2e, {"exact": "table"})
-    assert "| (b) engine, exact fp32 (last block by FFT) | 12 | 4.00 | 0.250 | 2.00 | 1000 |" in text
-    assert "| (c) engine, fast (bf16 in the last two blocks) | 12 | 8.00 | 0.125 | 4.00 | 1000 |" in text
+    assert "| (b) engine, exact fp32 (residual blocks by FFT) | 12 | 4.00 | 0.250 | 2.00 | 1000 |" in text
+    assert "| (c) engine, fast (draws with a bf16 head layer) | 12 | 8.00 | 0.125 | 4.00 | 1000 |" in text
+    assert "| demo | " + " | ".join(3 * ["0.000 / 0.000"] + 3 * ["0.004 / 0.030"]) + " |" in text
     assert "| exact | 4.00 | 3.80 | 95% | 10.0 | 20.0 | 1200 | 3000 |" in text
     assert "test machine" in text and "random: 1.0e-07; trained: 2.0e-06" in text

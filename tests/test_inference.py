@@ -99,6 +99,25 @@ def test_result_does_not_depend_on_batch_companions(tiny_model, spectra, precisi
     assert_identical(crowded, together[3])
 
 
+def test_fast_mode_reports_the_exact_values_and_close_uncertainties(tiny_model, spectra):
+    """Fast mode runs only the Monte Carlo draws in reduced precision: the reported parameters come
+    from the clean pass through the exact network, bit for bit; only their spread moves, a little."""
+    flux, ivar = spectra
+    ids = [f"s{i}" for i in range(5)]
+    exact = Estimator(tiny_model, num_draws=20, seed=5).estimate(flux, ivar, ids)
+    engine = Estimator(tiny_model, num_draws=20, seed=5, precision="fast")
+    assert engine.draws_model is not engine.model
+    fast = engine.estimate(flux, ivar, ids)
+    moved = 0
+    for a, b in zip(fast, exact):
+        for name in ("teff", "logg", "fe_h", "result_flags"):
+            assert a[name] == b[name]
+        for name in ("raw_e_teff", "raw_e_logg", "raw_e_fe_h"):  # random weights: far more sensitive than trained
+            assert a[name] == pytest.approx(b[name], rel=0.15)
+            moved += a[name] != b[name]
+    assert moved  # the draws did go through the bfloat16 network
+
+
 def test_chunking_does_not_change_results(tiny_model, spectra, records):
     flux, ivar = spectra
     chunked = Estimator(tiny_model, num_draws=20, seed=5, chunk_spectra=2).estimate(
