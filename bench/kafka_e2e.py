@@ -139,12 +139,16 @@ def main() -> None:
                                               engine__num_draws=0)
         results["io_pipeline_alone_per_s"] = pipeline_alone(trivial, min(args.io_spectra, 2048))
         engine = dict(engine__num_draws=args.draws, engine__precision=args.precision)
+        # the engine alone right before and right after the worker, on as many spectra: this machine's
+        # speed drifts over minutes, and the mean of the two brackets the worker's conditions
+        alone = [engine_alone(args.weights, args.spectra, num_draws=args.draws, precision=args.precision)]
         results["backlog"] = run_worker_phase(kafka, tmp, "backlog", args.weights, args.spectra, None, 64, **engine)
+        alone.append(engine_alone(args.weights, args.spectra, num_draws=args.draws, precision=args.precision))
+        results["engine_alone_runs_per_s"] = alone
+        results["engine_alone_per_s"] = statistics.mean(alone)
         paced = 0.5 * results["backlog"]["spectra_per_s"]
         results["paced"] = run_worker_phase(kafka, tmp, "paced", args.weights, max(12, args.spectra // 4), paced,
                                             64, **engine)
-    results["engine_alone_per_s"] = engine_alone(args.weights, args.spectra, num_draws=args.draws,
-                                                 precision=args.precision)
     print(json.dumps(results))
 
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline-spectra", type=int, default=12)
     parser.add_argument("--spectra", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3, help="engine phases measured this many times, interleaved")
     parser.add_argument("--e2e-spectra", type=int, default=256)
     parser.add_argument("--synthetic-spectra", type=int, default=200,
                         help="distinct synthetic spectra for fast mode's accuracy cost on the trained model")
@@ -77,9 +79,13 @@ def main() -> None:
     described = machine()
     tmp = Path(tempfile.mkdtemp())
     print("engine phases (full-size APOGEENet III, random weights, 20 draws) ...", file=sys.stderr)
-    runs = {mode: engine_phase(mode, args.baseline_spectra if mode == "baseline" else args.spectra, None,
-                               tmp / f"{mode}.npz", tmp / f"{mode}.profile" if mode != "baseline" else None)
-            for mode in ("baseline", "exact", "fast")}
+    # rounds of the three phases back to back: this machine's speed drifts by 10-20% over minutes, so
+    # each round's ratios compare phases measured close together, and the median of rounds is reported
+    rounds = [{mode: engine_phase(mode, args.baseline_spectra if mode == "baseline" else args.spectra, None,
+                                  tmp / f"{mode}.npz" if first else tmp / "again.npz",
+                                  tmp / f"{mode}.profile" if first and mode != "baseline" else None)
+               for mode in ("baseline", "exact", "fast")}
+              for first in [True] + [False] * (args.rounds - 1)]
     profiles = {mode: (tmp / f"{mode}.profile").read_text() for mode in ("exact", "fast")}
     # exact vs baseline on the same spectra: the first baseline_spectra of the exact run
     engine_phase("exact", args.baseline_spectra, None, tmp / "exact-small.npz")
@@ -107,7 +113,7 @@ def main() -> None:
                                   "--io-spectra", str(args.io_spectra), "--precision", precision],
                                  cwd=REPO, capture_output=True, text=True, check=True)
             e2e[precision] = json.loads(out.stdout.strip().splitlines()[-1])
-    Path(args.output).write_text(report(described, runs, exact_vs_baseline, costs, e2e, profiles))
+    Path(args.output).write_text(report(described, rounds, exact_vs_baseline, costs, e2e, profiles))
     print(f"wrote {args.output}", file=sys.stderr)
 
 
@@ -116,12 +122,25 @@ def _shipped_weights() -> str | None:
     return str(shipped) if shipped.exists() else None
 
 
-def report(described, runs, exact_vs_baseline, costs, e2e, profiles) -> str:
-    base = runs["baseline"]["spectra_per_s"]
+def engine_summary(rounds: list[dict]) -> dict:
+    """Per mode: median spectra/s over the rounds, its range, and the median of each round's ratio
+    to that round's baseline."""
+    summary = {}
+    for mode in rounds[0]:
+        rates = [r[mode]["spectra_per_s"] for r in rounds]
+        summary[mode] = {"spectra": rounds[0][mode]["spectra"], "per_s": statistics.median(rates),
+                         "low": min(rates), "high": max(rates),
+                         "ratio": statistics.median(r[mode]["spectra_per_s"] / r["baseline"]["spectra_per_s"]
+                                                    for r in rounds),
+                         "peak_rss_mib": max(r[mode]["peak_rss_mib"] for r in rounds)}
+    return summary
+
+
+def report(described, rounds, exact_vs_baseline, costs, e2e, profiles) -> str:
     lines = [
         "# Benchmarks",
         "",
-        f"Regenerate with `python -m bench.run` (about 10 minutes on 2 cores). Measured "
+        f"Regenerate with `python -m bench.run` (about 12 minutes on 2 cores). Measured "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on: {described}.",
         "",
         "## Engine: full-size APOGEENet III (72.6 M parameters), 20 Monte Carlo draws per spectrum",
@@ -129,17 +148,19 @@ def report(described, runs, exact_vs_baseline, costs, e2e, profiles) -> str:
         "Inputs: the six real DR17 spectra in `tests/data` (coadds and visits), repeated under distinct ids.",
         "(a) is a faithful one-spectrum-at-a-time port of the SDSS loop (batch-1 clean pass, batch-20 noisy",
         "pass, autograd on: `stream_worker/reference.py`); (b) and (c) are `Estimator` in this project.",
+        f"Each row is measured {len(rounds)} times, the three phases back to back in each round (each in a "
+        "process of its own); the table gives the median, the range, and the median of each round's ratio to "
+        "that round's baseline.",
         "",
-        "| | spectra | spectra/s | s/spectrum | × baseline | peak RSS (MiB) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| | spectra | spectra/s (median) | range | s/spectrum | × baseline | peak RSS (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     names = {"baseline": "(a) reference loop (baseline)",
              "exact": "(b) engine, exact fp32 (residual blocks by FFT)",
              "fast": "(c) engine, fast (draws with a bf16 head layer)"}
-    for mode, run in runs.items():
-        rate = run["spectra_per_s"]
-        lines.append(f"| {names[mode]} | {run['spectra']} | {rate:.2f} | {1 / rate:.3f} | {rate / base:.2f} | "
-                     f"{run['peak_rss_mib']:.0f} |")
+    for mode, run in engine_summary(rounds).items():
+        lines.append(f"| {names[mode]} | {run['spectra']} | {run['per_s']:.2f} | {run['low']:.2f}–{run['high']:.2f}"
+                     f" | {1 / run['per_s']:.3f} | {run['ratio']:.2f} | {run['peak_rss_mib']:.0f} |")
     lines += [
         "",
         "Exact mode against the baseline on the same spectra and noise, largest relative difference of any "
@@ -170,7 +191,8 @@ def report(described, runs, exact_vs_baseline, costs, e2e, profiles) -> str:
             "",
             "Sustained rate: a backlog of inline spectrum messages drained by `stream-worker run` (batches of",
             "64), counted after the first batch (its warm-up and group join are not throughput), against the",
-            "engine alone on as many spectra after a warm-up. Latency: input message timestamp to the result",
+            "engine alone on as many spectra after a warm-up (the mean of a run right before the worker and one",
+            "right after it). Latency: input message timestamp to the result",
             "arriving at a consumer, at half the sustained rate. I/O path: the same worker with a trivial",
             "network and no draws, so decode, preprocessing, encode, produce (acks=all) and commit are all that",
             "is left; and the same per-message work",
