@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from bench.kafka_e2e import engine_share
 from bench.run import accuracy_cost, max_relative, report
 
 
@@ -33,7 +34,7 @@ def test_report_states_the_ratio_to_the_baseline_measured_in_the_same_run():
     machine twice as fast in the second round, the ratios stay 2 and 4."""
     rounds = [{mode: {"spectra": 12, "spectra_per_s": speed * rate, "peak_rss_mib": 1000.0 + speed}
                for mode, rate in (("baseline", 2.0), ("exact", 4.0), ("fast", 8.0))} for speed in (1, 2, 1.5)]
-    e2e = {"exact": {"engine_alone_per_s": 4.0, "backlog": {"spectra_per_s": 3.8},
+    e2e = {"exact": {"engine_alone_per_s": 4.0, "backlog": {"spectra_per_s": 3.8, "engine_share": 0.987},
                      "paced": {"latency_p50_s": 10.0, "latency_p99_s": 20.0},
                      "io_path": {"spectra_per_s": 1200.0}, "io_pipeline_alone_per_s": 3000.0}}
     costs = {"demo": {k: (0.0, 0.0) for k in ("teff", "logg", "fe_h")} | {
@@ -43,5 +44,14 @@ def test_report_states_the_ratio_to_the_baseline_measured_in_the_same_run():
     assert f"| {exact} | 12 | 6.00 | 4.00–8.00 | 0.167 | 2.00 | 1002 |" in text
     assert f"| {fast} | 12 | 12.00 | 8.00–16.00 | 0.083 | 4.00 | 1002 |" in text
     assert "| demo | " + " | ".join(3 * ["0.000 / 0.000"] + 3 * ["0.004 / 0.030"]) + " |" in text
-    assert "| exact | 4.00 | 3.80 | 95% | 10.0 | 20.0 | 1200 | 3000 |" in text
+    assert "| exact | 4.00 | 3.80 | 95% | 99% | 10.0 | 20.0 | 1200 | 3000 |" in text
     assert "test machine" in text and "random: 1.0e-07; trained: 2.0e-06" in text
+
+
+def test_engine_share_is_later_chunks_engine_time_over_the_time_they_span():
+    """Three chunks of two spectra, 1 s of engine each (0.5 s per spectrum), results 1.25 s apart:
+    the worker's engine computed 2 s of the 2.5 s between the first and the last results."""
+    arrivals = [(t + d, {"inference_seconds": seconds}) for t, seconds in ((0.0, 0.5), (1.25, 0.5000001), (2.5, 0.4999))
+                for d in (0.0, 0.01)]
+    assert abs(engine_share(arrivals) - (0.5000001 * 2 + 0.4999 * 2) / 2.5) < 1e-9
+    assert engine_share(arrivals[:2]) is None  # one chunk: nothing to compare
