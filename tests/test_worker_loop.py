@@ -1,11 +1,15 @@
 """The worker's busy loop against a fake consumer (unit level; the real-broker tests are in
-test_worker_kafka.py and test_reliability.py): how it polls while the engine works, and that it
-never leaves a group join unattended between polls."""
+test_worker_kafka.py and test_reliability.py): how it polls while the engine works, that it
+never leaves a group join unattended between polls, and that every batch runs on the one thread
+the engine was built on."""
 
 from __future__ import annotations
 
+import operator
 import threading
 import time
+
+import pytest
 
 from kafka.structs import TopicPartition
 
@@ -13,7 +17,7 @@ from stream_worker import worker as worker_module
 from stream_worker.config import load_config
 from stream_worker.metrics import Metrics
 from stream_worker.pipeline import BatchResult
-from stream_worker.worker import Worker
+from stream_worker.worker import EngineThread, Worker
 from tests.helpers import consumed
 
 PARTITION = TopicPartition("in", 0)
@@ -81,17 +85,19 @@ class SlowPipeline:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.done_at: list[float] = []
+        self.threads: list[threading.Thread] = []
 
     def run(self, messages) -> BatchResult:
+        self.threads.append(threading.current_thread())
         time.sleep(self.seconds)
         self.done_at.append(time.monotonic())
         return BatchResult([])
 
 
-def worker_with(consumer, pipeline, **settings) -> Worker:
+def worker_with(consumer, pipeline, engine: EngineThread | None = None, **settings) -> Worker:
     environ = {f"STREAM_WORKER__{key.upper()}": str(value) for key, value in settings.items()}
     config = load_config(None, {"STREAM_WORKER__BATCHING__MAX_SPECTRA": "4", **environ})
-    worker = Worker(config, pipeline, consumer, FakeProducer(), Metrics(), lambda: True)
+    worker = Worker(config, pipeline, consumer, FakeProducer(), Metrics(), lambda: True, engine)
     worker.assigned = {PARTITION}
     return worker
 
@@ -149,3 +155,23 @@ def test_a_rebalance_that_never_completes_does_not_hold_the_batch_forever(monkey
     threading.Thread(target=lambda: (one_batch(worker), finished.set()), daemon=True).start()
     assert finished.wait(10), "the worker waited for the rebalance beyond kafka.session_timeout_ms"
     assert consumer.events[-1] == ("commit", 4)
+
+
+def test_every_batch_runs_on_the_thread_the_engine_was_built_on():
+    """torch's OpenMP runtime slows every team down once more threads than CPUs hold one, so the
+    model is built and every batch run on one long-lived thread, never the main thread."""
+    engine = EngineThread()
+    built_on = engine.submit(threading.current_thread).result()
+    pipeline = SlowPipeline(0.01)
+    worker = worker_with(FakeConsumer(messages(8)), pipeline, engine)
+    one_batch(worker)
+    one_batch(worker)
+    assert pipeline.threads == [built_on, built_on]
+    assert built_on is not threading.main_thread() and built_on.daemon  # an abandoned batch cannot hold the exit
+
+
+def test_the_engine_thread_hands_failures_back_and_keeps_serving():
+    engine = EngineThread()
+    with pytest.raises(ZeroDivisionError):
+        engine.submit(operator.truediv, 1, 0).result()
+    assert engine.submit(operator.add, 1, 2).result() == 3
