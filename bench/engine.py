@@ -14,11 +14,11 @@ import time
 import numpy as np
 import torch
 
-from stream_worker.apstar import read_apstar
-from stream_worker.inference import Estimator
-from stream_worker.model import load_model, random_model
-from stream_worker.preprocess import noise_draws
-from stream_worker.reference import reference_estimate
+from stream_worker.io.apstar import read_apstar
+from stream_worker.engine.estimator import Estimator
+from stream_worker.engine.weights import load_model, random_model
+from stream_worker.engine.preprocess import noise_draws
+from devtools.sdss_reference import reference_estimate
 from tests.helpers import DWARF_FILE, GIANT_FILE
 
 OUTPUTS = ("teff", "logg", "fe_h", "raw_e_teff", "raw_e_logg", "raw_e_fe_h", "e_teff", "e_logg", "e_fe_h")
@@ -35,7 +35,7 @@ def real_spectra(n: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
 def synthetic_spectra(n: int, snr: float = 100.0, seed: int = 4242) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """``n`` distinct emulated spectra (labels from the training prior, a seed training never used):
     a realistic spread of inputs for judging a trained model's fast-mode accuracy."""
-    from stream_worker.synthetic import SpectrumGenerator
+    from devtools.synthetic import SpectrumGenerator
 
     spectra = SpectrumGenerator().generate(n, snr, seed=seed)
     return spectra.flux, spectra.ivar, [f"bench-synthetic-{i}" for i in range(n)]

@@ -17,13 +17,15 @@ import torch
 from kafka import KafkaConsumer, KafkaProducer
 
 from bench.engine import real_spectra
-from stream_worker.devtools.kafka_broker import LocalKafka
-from stream_worker.devtools.worker_process import WorkerProcess
-from stream_worker.inference import Estimator
-from stream_worker.messages import encode_inline
-from stream_worker.model import ApogeeNet, load_model, random_model
-from stream_worker.pipeline import FileReader, Pipeline
-from stream_worker.spectrum import Spectrum
+from devtools.kafka_broker import LocalKafka
+from devtools.worker_process import WorkerProcess
+from stream_worker.engine.estimator import Estimator
+from stream_worker.io.wire import encode_inline
+from stream_worker.engine.network import ApogeeNet
+from stream_worker.engine.weights import load_model, random_model
+from stream_worker.io.files import FileReader
+from stream_worker.streaming.batch import Pipeline
+from stream_worker.core.spectrum import Spectrum
 from tests.helpers import consumed
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, load_config
-from .logs import setup_logging
+from stream_worker.config import ConfigError, load_config
+from stream_worker.logs import setup_logging
 
 log = logging.getLogger("stream_worker")
 
@@ -31,10 +31,10 @@ def cmd_infer(args: argparse.Namespace, config) -> int:
     """Runs the engine on apStar files; a file that cannot be read is reported and skipped."""
     import numpy as np
 
-    from .apstar import read_apstar
-    from .inference import Estimator
-    from .result_files import write_records
-    from .spectrum import InputError, validate_spectrum
+    from stream_worker.io.apstar import read_apstar
+    from stream_worker.engine.estimator import Estimator
+    from stream_worker.io.serializers import write_records
+    from stream_worker.core.spectrum import InputError, validate_spectrum
 
     config = _apply_engine_options(config, args)
     estimator = Estimator.from_config(config.engine)
@@ -61,7 +61,7 @@ def cmd_infer(args: argparse.Namespace, config) -> int:
 
 def cmd_run(args: argparse.Namespace, config) -> int:
     """The streaming worker: runs until SIGTERM, then drains and exits 0."""
-    from .worker import build_worker
+    from stream_worker.streaming.worker import build_worker
 
     config = _apply_engine_options(config, args)
     worker, health = build_worker(config)
@@ -74,10 +74,10 @@ def cmd_run(args: argparse.Namespace, config) -> int:
 
 def cmd_produce(args: argparse.Namespace, config) -> int:
     """Publishes apStar spectra as input messages (inline arrays or file references)."""
-    from .apstar import read_apstar
-    from .kafka_io import make_producer
-    from .messages import CONTENT_TYPE, encode_inline, encode_reference
-    from .spectrum import InputError
+    from stream_worker.io.apstar import read_apstar
+    from stream_worker.streaming.kafka_clients import make_producer
+    from stream_worker.io.wire import CONTENT_TYPE, encode_inline, encode_reference
+    from stream_worker.core.spectrum import InputError
 
     if args.bootstrap:
         config.kafka.bootstrap_servers = args.bootstrap.split(",")
@@ -150,9 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="send file references (the worker reads the file) instead of inline arrays")
     produce.set_defaults(func=cmd_produce)
 
-    from .training import add_train_parser  # stream-worker train: the demonstration model
-
-    add_train_parser(sub)
     return parser
 
 

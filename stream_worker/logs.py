@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from .config import LoggingConfig
+from stream_worker.config import LoggingConfig
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 

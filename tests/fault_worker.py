@@ -12,7 +12,7 @@ import time
 
 from kafka import KafkaConsumer
 
-from stream_worker import pipeline
+from stream_worker.streaming import batch as pipeline
 from stream_worker.cli import main
 
 kill_at = int(os.environ.get("FAULT_KILL_AT_COMMIT", "0"))

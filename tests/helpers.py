@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from kafka.consumer.fetcher import ConsumerRecord
 
-from stream_worker.model import N_PIXELS, random_model
+from stream_worker.core.grid import N_PIXELS
+from stream_worker.engine.weights import random_model
 
 DATA = Path(__file__).parent / "data"
 GIANT_FILE = DATA / "apStar-dr17-2M17335483-2753043.fits"

@@ -17,8 +17,8 @@ from typing import NoReturn
 
 import pytest
 
-from stream_worker.devtools.kafka_broker import LocalKafka, create_topic
-from stream_worker.devtools.prometheus_server import LocalPrometheus
+from devtools.kafka_broker import LocalKafka, create_topic
+from devtools.prometheus_server import LocalPrometheus
 
 BOOTSTRAP_ENV = "STREAM_WORKER_TEST_BOOTSTRAP"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from kafka import KafkaConsumer, KafkaProducer
 
-from stream_worker.devtools.worker_process import WorkerProcess
-from stream_worker.messages import encode_inline
-from stream_worker.spectrum import Spectrum
+from devtools.worker_process import WorkerProcess
+from stream_worker.io.wire import encode_inline
+from stream_worker.core.spectrum import Spectrum
 from tests.helpers import DATA, small_model, synthetic_spectra
 from tests.services import unique_topic
 

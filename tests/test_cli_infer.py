@@ -7,8 +7,8 @@ import torch
 from astropy.table import Table
 
 from stream_worker.cli import main
-from stream_worker.model import DEMO_MODEL_NAME
-from stream_worker.records import RESULT_FIELDS
+from stream_worker.engine.weights import DEMO_MODEL_NAME
+from stream_worker.core.records import RESULT_FIELDS
 from tests.helpers import DWARF_FILE, GIANT_FILE, small_model
 
 

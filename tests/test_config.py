@@ -82,7 +82,7 @@ def test_sasl_password_comes_from_env_or_file(tmp_path, monkeypatch):
 
 
 def test_tls_and_sasl_settings_reach_the_kafka_clients(tmp_path, monkeypatch):
-    from stream_worker.kafka_io import security_options
+    from stream_worker.streaming.kafka_clients import security_options
 
     monkeypatch.setenv("STREAM_WORKER_SASL_PASSWORD", "pw")
     config = load_config(None, environ={

@@ -10,12 +10,13 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from stream_worker.apstar import read_apstar
+from stream_worker.io.apstar import read_apstar
 from stream_worker.config import EngineConfig
-from stream_worker.inference import Estimator
-from stream_worker.model import (
-    DEMO_MODEL_FILE, DEMO_MODEL_NAME, ModelSizes, WeightsError, infer_sizes, load_demo_model, load_model,
+from stream_worker.engine.estimator import Estimator
+from stream_worker.engine.weights import (
+    DEMO_MODEL_FILE, DEMO_MODEL_NAME, WeightsError, infer_sizes, load_demo_model, load_model,
 )
+from stream_worker.engine.network import ModelSizes
 from tests.helpers import DWARF_FILE, GIANT_FILE
 
 MODELS = resources.files("stream_worker") / "models"
@@ -116,13 +117,13 @@ def test_visits_of_one_star_agree_within_their_uncertainties(real_records):
 
 
 def test_train_command_writes_a_loadable_checkpoint_and_its_metadata(tmp_path):
-    """``stream-worker train`` end to end at toy sizes, then a fine-tuning stage from it."""
-    from stream_worker.cli import main
+    """``python -m devtools.training`` end to end at toy sizes, then a fine-tuning stage from it."""
+    from devtools.training import main
 
     tiny = ["--n-train", "64", "--n-val", "16", "--epochs", "1", "--batch-size", "32", "--channels", "2,4",
             "--pooled-length", "8", "--linear-width", "16", "--linear-layers", "1"]
     first = tmp_path / "first.pt"
-    assert main(["train", "-o", str(first), *tiny]) == 0
+    assert main(["-o", str(first), *tiny]) == 0
     meta = json.loads(first.with_suffix(".json").read_text())
     assert meta["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
     assert meta["sizes"]["channels"] == [2, 4] and meta["seed"] == 20260101
@@ -130,20 +131,20 @@ def test_train_command_writes_a_loadable_checkpoint_and_its_metadata(tmp_path):
     model = load_model(first, sha256=meta["sha256"])
     assert not model.training and model.sizes.channels == (2, 4)
     second = tmp_path / "second.pt"
-    assert main(["train", "-o", str(second), *tiny, "--init-from", str(first), "--seed", "7"]) == 0
+    assert main(["-o", str(second), *tiny, "--init-from", str(first), "--seed", "7"]) == 0
     meta2 = json.loads(second.with_suffix(".json").read_text())
     assert meta2["fine_tuned_from"]["sha256"] == meta["sha256"]
     assert meta2["fine_tuned_from"]["metadata"]["seed"] == 20260101
 
 
 def test_accuracy_report_regenerates_without_the_shared_data(tmp_path):
-    """``python -m stream_worker.accuracy`` at toy size on a clone without ../shared: the hold-out
+    """``python -m devtools.accuracy`` at toy size on a clone without ../shared: the hold-out
     row is skipped with a note, everything else is written."""
     pytest.importorskip("matplotlib")
-    from stream_worker.accuracy import main as accuracy
+    from devtools.accuracy import main as accuracy
 
     assert accuracy(["--n", "4", "--draws", "2", "--out-dir", str(tmp_path), "--holdout", str(tmp_path / "absent.npz")]) == 0
     text = (tmp_path / "accuracy.md").read_text()
-    assert "python -m stream_worker.accuracy --n 4 --draws 2" in text
+    assert "python -m devtools.accuracy --n 4 --draws 2" in text
     assert "Skipped:" in text and "2M17335483-2753043" in text and "| 200 (" in text
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000

@@ -9,7 +9,7 @@ lints the Dockerfile. A test skips, naming the missing tool, only when that tool
 
 Beyond syntax, the manifests are checked against the worker itself: the env overrides load
 with stream_worker.config, the container's arguments parse with the CLI, every metric the
-rules and the dashboard query exists in stream_worker.metrics, and topic sizes, partition
+rules and the dashboard query exists in stream_worker.streaming.metrics, and topic sizes, partition
 counts and autoscaler limits agree with config.yaml.
 
 ``python -m tests.test_deployment`` rewrites k8s/prometheus/prometheusrule.yaml from
@@ -128,7 +128,7 @@ def dashboard() -> dict:
 
 def worker_metric_names() -> set[str]:
     """Every series name the worker exposes (histograms: _bucket/_sum/_count), plus up."""
-    from stream_worker.metrics import Metrics
+    from stream_worker.streaming.metrics import Metrics
 
     names = {"up"}
     for family in Metrics().registry.collect():
@@ -583,8 +583,8 @@ def test_dockerfile_runs_the_worker_as_non_root_with_a_healthcheck():
 
 
 def test_the_healthcheck_command_tells_a_live_worker_from_a_dead_one():
-    from stream_worker.devtools.kafka_broker import free_ports
-    from stream_worker.metrics import HealthServer, Metrics
+    from devtools.kafka_broker import free_ports
+    from stream_worker.streaming.metrics import HealthServer, Metrics
 
     (final_healthcheck,) = [arg for op, arg in dockerfile_instructions() if op == "HEALTHCHECK"]
     argv = json.loads(final_healthcheck[final_healthcheck.index("CMD") + 3:])

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from kafka import KafkaProducer
 
-from stream_worker.devtools.kafka_broker import free_ports
+from devtools.kafka_broker import free_ports
 from tests.services import unique_topic
 from tests.test_deployment import RULES_FILE, all_promql, dashboard_targets, grafana_to_promql
 

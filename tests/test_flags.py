@@ -1,6 +1,6 @@
 import pytest
 
-from stream_worker.flags import ResultFlags, flag_summary, result_flags, set_bits
+from stream_worker.core.flags import ResultFlags, flag_summary, result_flags, set_bits
 
 F = ResultFlags
 GOOD = dict(teff=4500.0, logg=2.5, fe_h=-0.3)

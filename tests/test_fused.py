@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from stream_worker.fused import FusedApogeeNet, SpectralConv
-from stream_worker.model import ApogeeNet, random_model
+from stream_worker.engine.kernels import FusedApogeeNet, SpectralConv
+from stream_worker.engine.network import ApogeeNet
+from stream_worker.engine.weights import random_model
 
 
 def inputs(n: int = 3) -> torch.Tensor:

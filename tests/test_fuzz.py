@@ -26,16 +26,17 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream_worker.inference import Estimator
-from stream_worker.messages import DTYPES, encode_inline, encode_reference
-from stream_worker.model import N_PIXELS
-from stream_worker.pipeline import FileReader, Pipeline
-from stream_worker.spectrum import SPECTRUM_KINDS, InputError, Spectrum
+from stream_worker.engine.estimator import Estimator
+from stream_worker.io.wire import DTYPES, encode_inline, encode_reference
+from stream_worker.core.grid import N_PIXELS
+from stream_worker.io.files import FileReader
+from stream_worker.streaming.batch import Pipeline
+from stream_worker.core.spectrum import SPECTRUM_KINDS, InputError, Spectrum
 from tests.helpers import DWARF_FILE, GIANT_FILE, consumed, small_model, synthetic_spectra
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning"),  # float64 → float32 inf
-    pytest.mark.filterwarnings("ignore::RuntimeWarning:stream_worker.preprocess"),  # numpy on garbage arrays
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:stream_worker.engine.preprocess"),  # numpy on garbage arrays
 ]
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

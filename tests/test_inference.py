@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from stream_worker.flags import ResultFlags
-from stream_worker.inference import Estimator
-from stream_worker.preprocess import noise_draws
-from stream_worker.records import RESULT_FIELDS
-from stream_worker.reference import reference_estimate
+from stream_worker.core.flags import ResultFlags
+from stream_worker.engine.estimator import Estimator
+from stream_worker.engine.preprocess import noise_draws
+from stream_worker.core.records import RESULT_FIELDS
+from devtools.sdss_reference import reference_estimate
 from tests.helpers import Explodes, small_model, synthetic_spectra
 
 RAW = ("teff", "logg", "fe_h", "raw_e_teff", "raw_e_logg", "raw_e_fe_h")
@@ -53,7 +53,7 @@ def test_engine_matches_the_one_at_a_time_reference(tiny_model, spectra, records
 
 
 def test_full_size_network_matches_the_reference():
-    from stream_worker.model import random_model
+    from stream_worker.engine.weights import random_model
 
     model = random_model(device="cpu", seed=1)
     flux, ivar = synthetic_spectra(2, seed=2)
@@ -200,8 +200,8 @@ def test_engine_fft_switch_keeps_the_numbers_and_can_be_turned_off(spectra):
     """engine.fft: the residual blocks' convolutions by FFT (CPU default) or by direct sums;
     same records to float32 rounding either way."""
     from stream_worker.config import EngineConfig
-    from stream_worker.fused import SpectralConv
-    from stream_worker.model import random_model
+    from stream_worker.engine.kernels import SpectralConv
+    from stream_worker.engine.weights import random_model
 
     model = random_model(device="cpu", seed=5, channels=(4, 8, 16, 32, 64), pooled_length=8, linear_width=16,
                          linear_layers=1)

@@ -15,7 +15,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from stream_worker.devtools.kafka_broker import free_ports
+from devtools.kafka_broker import free_ports
 from tests.services import unique_topic
 
 pytestmark = pytest.mark.integration

@@ -17,15 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-from stream_worker.flags import ResultFlags
-from stream_worker.inference import Estimator
-from stream_worker.messages import (
+from stream_worker.core.flags import ResultFlags
+from stream_worker.engine.estimator import Estimator
+from stream_worker.io.wire import (
     CONTENT_TYPE, MAX_HEADER_BYTES, RESULT_CONTENT_TYPE, FileReference, decode_input, encode_inline, encode_reference,
 )
-from stream_worker.model import N_PIXELS
-from stream_worker.pipeline import FileReader, Pipeline
-from stream_worker.records import RESULT_FIELDS
-from stream_worker.spectrum import InputError, Spectrum
+from stream_worker.core.grid import N_PIXELS
+from stream_worker.io.files import FileReader
+from stream_worker.streaming.batch import Pipeline
+from stream_worker.core.records import RESULT_FIELDS
+from stream_worker.core.spectrum import InputError, Spectrum
 from tests.helpers import DATA, DWARF_FILE, GIANT_FILE, Explodes, consumed, small_model, synthetic_spectra
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "messages.md"
@@ -636,7 +637,7 @@ def test_reference_under_the_data_root_is_read(root):
 
 def test_reference_through_the_pipeline_matches_the_file(pipeline):
     spectrum = pipeline.decode(consumed(encode_reference(str(GIANT_FILE), 1, spectrum_id="p")))
-    from stream_worker.apstar import read_apstar_spectra
+    from stream_worker.io.apstar import read_apstar_spectra
 
     (direct,) = read_apstar_spectra(GIANT_FILE, [1])
     np.testing.assert_array_equal(spectrum.flux, direct.flux)

@@ -5,9 +5,10 @@ import re
 import pytest
 import torch
 
-from stream_worker.model import (
-    DEMO_MODEL_NAME, ApogeeNet, ModelSizes, WeightsError, check_state_dict, infer_sizes, load_model,
+from stream_worker.engine.weights import (
+    DEMO_MODEL_NAME, WeightsError, check_state_dict, infer_sizes, load_model,
 )
+from stream_worker.engine.network import ApogeeNet, ModelSizes
 from tests.helpers import DATA, SMALL_SIZES, small_model
 
 

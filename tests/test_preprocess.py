@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from stream_worker.preprocess import (
+from stream_worker.engine.preprocess import (
     clean_flux, error_from_ivar, log_scale, network_inputs, noise_draws, spectrum_seed,
 )
 

@@ -145,7 +145,7 @@ def test_secrets_never_reach_metrics_or_logs(kafka_broker, worker_factory):
 
 @pytest.fixture
 def scram_kafka(tmp_path_factory):
-    from stream_worker.devtools.kafka_broker import LocalKafka
+    from devtools.kafka_broker import LocalKafka
 
     with LocalKafka(tmp_path_factory.mktemp("kafka-scram"), scram_users={"apogee": "s3cret-pass"}) as broker:
         yield broker

@@ -4,11 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from stream_worker.model import N_PIXELS
-from stream_worker.preprocess import network_inputs
-from stream_worker.synthetic import (
-    DR17_GAPS, EMULATOR_PIXELS, SpectrumGenerator, load_emulator,
-)
+from stream_worker.core.grid import N_PIXELS
+from stream_worker.engine.preprocess import network_inputs
+from devtools.synthetic import DR17_GAPS, EMULATOR_PIXELS, SpectrumGenerator, load_emulator
 
 
 @pytest.fixture(scope="module")

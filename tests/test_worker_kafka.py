@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from stream_worker.messages import encode_inline, encode_reference
-from stream_worker.records import RESULT_FIELDS
-from stream_worker.spectrum import Spectrum
+from stream_worker.io.wire import encode_inline, encode_reference
+from stream_worker.core.records import RESULT_FIELDS
+from stream_worker.core.spectrum import Spectrum
 from tests.helpers import DWARF_FILE, GIANT_FILE
 from tests.streaming import (
     Topics, committed_total, consume, produce_raw, produce_spectra, records,

@@ -1,6 +1,6 @@
 """A faithful one-spectrum-at-a-time port of the SDSS APOGEENet III pipeline loop.
 
-Written independently of :mod:`stream_worker.preprocess` and :mod:`stream_worker.inference`, so
+Written independently of :mod:`stream_worker.engine.preprocess` and :mod:`stream_worker.engine.estimator`, so
 tests can check the engine against it and benchmarks can time the reference's cost: a batch-1
 clean pass, then a batch-``D`` noisy pass, with autograd left on, as the pipeline runs.
 """

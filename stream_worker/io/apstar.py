@@ -15,11 +15,9 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from .model import N_PIXELS
-from .spectrum import InputError, Spectrum, ivar_from_error
+from stream_worker.core.grid import GRID_CDELT1, GRID_CRVAL1, N_PIXELS
+from stream_worker.core.spectrum import InputError, Spectrum, ivar_from_error
 
-GRID_CRVAL1 = 4.179
-GRID_CDELT1 = 6e-6
 MJD_FROM_JD = 2_400_000.5
 
 # SDSS-V: .../apStar-{apred}-{telescope}-{obj}.fits; DR17: apStar-{apred}-{obj}.fits

@@ -9,7 +9,7 @@ spectrum; an inline payload is the flux array followed by the ivar (or error) ar
 ``n_pixels`` little-endian floats of ``dtype``. A reference names an apStar file and which
 spectrum in it; it has no payload. Result values are UTF-8 JSON, keyed by ``spectrum_id``.
 
-Pure functions: bytes in, :class:`~stream_worker.spectrum.Spectrum` (or an ``InputError`` with
+Pure functions: bytes in, :class:`~stream_worker.core.spectrum.Spectrum` (or an ``InputError`` with
 a reason code) out.
 """
 
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .records import utc_now
-from .spectrum import InputError, Spectrum, ivar_from_error
+from stream_worker import __version__
+from stream_worker.core.records import utc_now
+from stream_worker.core.spectrum import InputError, Spectrum, ivar_from_error
 
 MAGIC = b"APSP"
 SCHEMA_VERSION = 1

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .model import N_PIXELS
+from stream_worker.core.grid import N_PIXELS
 
 SPECTRUM_KINDS = ("coadd", "visit")
 

@@ -1,6 +1,6 @@
 """The quickstart: a real broker, a real worker, real apStar files, printed results, clean stop.
 
-``python -m stream_worker.devtools.quickstart [FILES...]`` (run by ``scripts/quickstart``):
+``python -m devtools.quickstart [FILES...]`` (run by ``scripts/quickstart``):
 starts a local Kafka broker, starts ``stream-worker run`` against it, publishes the coadds and
 visits of the given apStar files (default: the two DR17 files in ``tests/data``) — inline and
 by file reference — prints one line per result record, and shuts everything down.
@@ -18,10 +18,10 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
 
-from ..apstar import read_apstar
-from ..messages import CONTENT_TYPE, encode_inline, encode_reference
-from .kafka_broker import LocalKafka
-from .worker_process import WorkerProcess
+from stream_worker.io.apstar import read_apstar
+from stream_worker.io.wire import CONTENT_TYPE, encode_inline, encode_reference
+from devtools.kafka_broker import LocalKafka
+from devtools.worker_process import WorkerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_FILES = sorted((REPO / "tests" / "data").glob("apStar-*.fits"))

@@ -16,12 +16,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .config import EngineConfig
-from .fused import FusedApogeeNet
-from .model import DEMO_MODEL_NAME, ApogeeNet, load_model, random_model, resolve_device
-from .preprocess import network_inputs, noise_draws
-from .records import result_record
-from .uncertainty import Estimate, summarise, unnormalise
+from stream_worker.config import EngineConfig
+from stream_worker.engine.kernels import FusedApogeeNet
+from stream_worker.engine.weights import DEMO_MODEL_NAME, load_model, random_model, resolve_device
+from stream_worker.engine.network import ApogeeNet
+from stream_worker.engine.preprocess import network_inputs, noise_draws
+from stream_worker.core.records import result_record
+from stream_worker.engine.uncertainty import Estimate, summarise, unnormalise
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""An inference-only form of :class:`~stream_worker.model.ApogeeNet`, built from its weights.
+"""An inference-only form of :class:`~stream_worker.engine.weights.ApogeeNet`, built from its weights.
 
 Same function, less work: each BatchNorm (eval mode: a fixed affine map) is folded into the
 convolution before it; the convolutions run as ``(1 x k)`` 2-D convolutions in channels-last
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .model import ApogeeNet
+from stream_worker.engine.network import ApogeeNet
 
 PRECISIONS = ("exact", "fast")
 

@@ -1,6 +1,6 @@
 """One micro-batch, from consumed messages to the messages to publish.
 
-decode → validate → preprocess + infer (the :class:`~stream_worker.inference.Estimator`) →
+decode → validate → preprocess + infer (the :class:`~stream_worker.engine.estimator.Estimator`) →
 build records. No Kafka here: consumed messages come in as plain objects with ``topic``,
 ``partition``, ``offset``, ``key``, ``value``, ``headers`` and ``timestamp`` (kafka-python's
 ``ConsumerRecord`` fits), and what must be published goes out as :class:`Outgoing`. The worker
@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 from kafka.structs import TopicPartition
 
-from .apstar import read_apstar_spectra
-from .inference import Estimator
-from .messages import (
+from stream_worker.engine.estimator import Estimator
+from stream_worker.io.files import FileReader
+from stream_worker.io.wire import (
     RESULT_CONTENT_TYPE, SCHEMA_VERSION, FileReference, dead_letter_headers, decode_input, encode_result,
 )
-from .records import utc_now
-from .spectrum import InputError, Spectrum, validate_spectrum
+from stream_worker.core.records import utc_now
+from stream_worker.core.spectrum import InputError, Spectrum, validate_spectrum
 
 log = logging.getLogger(__name__)
 
@@ -77,34 +77,6 @@ class BatchResult:
     def only_from(self, partitions: set[TopicPartition]) -> BatchResult:
         """The part of the batch whose inputs come from ``partitions`` (those still owned after a rebalance)."""
         return BatchResult([item for item in self.items if item.source in partitions], self.inference_seconds)
-
-
-class FileReader:
-    """Reads referenced apStar spectra, but only from under the configured data roots."""
-
-    def __init__(self, data_roots: list[str]) -> None:
-        self.roots = [Path(os.path.realpath(os.path.expandvars(root))) for root in data_roots]
-
-    def read(self, reference: FileReference) -> Spectrum:
-        if not self.roots:
-            raise InputError("path_not_allowed", "file references are disabled: inputs.data_roots is empty")
-        try:
-            resolved = Path(os.path.realpath(reference.path))
-        except (ValueError, OSError) as exc:  # NUL bytes, over-long names
-            raise InputError("invalid_field", f"unusable path {reference.path!r}: {exc}") from None
-        if not any(resolved == root or root in resolved.parents for root in self.roots):
-            raise InputError(
-                "path_not_allowed",
-                f"{reference.path} is outside the allowed data roots ({', '.join(map(str, self.roots))})",
-            )
-        try:
-            (spectrum,) = read_apstar_spectra(resolved, [reference.which])
-        except OSError as exc:  # e.g. a path component longer than the filesystem allows
-            raise InputError("missing_file", f"{reference.path}: {exc}") from None
-        for name, value in reference.header.items():
-            if value is not None:
-                setattr(spectrum, name, value)
-        return spectrum
 
 
 class Pipeline:

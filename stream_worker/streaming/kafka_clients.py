@@ -8,7 +8,7 @@ import time
 
 from kafka import KafkaConsumer, KafkaProducer
 
-from .config import Config
+from stream_worker.config import Config
 
 
 def security_options(config: Config) -> dict:

@@ -15,8 +15,8 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import __version__
-from .flags import FLAG_NAMES, set_bits
+from stream_worker import __version__
+from stream_worker.core.flags import FLAG_NAMES, set_bits
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""Accuracy report of a model: ``python -m stream_worker.accuracy`` rewrites ``docs/accuracy.md``
+"""Accuracy report of a model: ``python -m devtools.accuracy`` rewrites ``docs/accuracy.md``
 and ``docs/accuracy.png``.
 
-What it measures, with the real :class:`~stream_worker.inference.Estimator` (clean pass + Monte
+What it measures, with the real :class:`~stream_worker.engine.estimator.Estimator` (clean pass + Monte
 Carlo draws, the calibrated uncertainties and the flags exactly as a user gets them):
 
 * synthetic spectra that training never saw (labels and noise from a different seed) at S/N 20,
@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .inference import Estimator
-from .model import N_PIXELS, load_model
-from .synthetic import EMULATOR_PIXELS, SpectrumGenerator
+from stream_worker.engine.estimator import Estimator
+from stream_worker.core.grid import N_PIXELS
+from stream_worker.engine.weights import load_model
+from devtools.synthetic import EMULATOR_PIXELS, SpectrumGenerator
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def synthetic_results(estimator: Estimator, n: int, seed: int) -> dict:
 
 def real_results(estimator: Estimator) -> list[dict]:
     """Coadd and visits of each real apStar file in tests/data."""
-    from .apstar import read_apstar
+    from stream_worker.io.apstar import read_apstar
 
     rows = []
     for name, (kind, reference) in REAL_FILES.items():
@@ -262,7 +263,7 @@ def write_markdown(results: dict, real: list[dict], agreement: list[dict], holdo
     add(f"Model: **{info['name']}**, `{info['source_name']}`, sha256 `{info['sha256']}`, "
         f"{meta.get('parameters', '?')} parameters, sizes `{json.dumps(meta.get('sizes', info['sizes']))}`.")
     add("It is the production `ApogeeNet` class at small sizes, trained only on emulated spectra "
-        "(`stream-worker train`, see `stream_worker/training.py` and the metadata JSON beside the checkpoint). "
+        "(`python -m devtools.training`, see `devtools/training.py` and the metadata JSON beside the checkpoint). "
         "It is **not APOGEENet III** and has never seen a real spectrum: its numbers on real stars "
         "carry the emulators' systematics, and outside its training labels (" + label_span(meta) + ") its "
         "results are extrapolations.")
@@ -424,13 +425,13 @@ def write_markdown(results: dict, real: list[dict], agreement: list[dict], holdo
     add("- The real-file rows are one cool giant and one K dwarf with rough reference labels: they show that the "
         "model gives sensible numbers on real apStar data, not how accurate it is there.")
     add("")
-    add(f"_Generated {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `stream_worker.accuracy` "
+    add(f"_Generated {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `devtools.accuracy` "
         f"(torch {torch.__version__})._")
     path.write_text("\n".join(L) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stream_worker.accuracy", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.accuracy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default=None, help="state dict to assess (default: the shipped demonstration model)")
     parser.add_argument("--n", type=int, default=1000, help="synthetic test spectra per S/N")
     parser.add_argument("--seed", type=int, default=TEST_SEED)
@@ -458,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = parser.parse_args([])
     changed = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                if k not in ("out_dir", "holdout", "threads") and v != getattr(defaults, k)]
-    command = " ".join(["python -m stream_worker.accuracy", *changed])
+    command = " ".join(["python -m devtools.accuracy", *changed])
     write_markdown(results, real, agreement, holdout, info, args.out_dir / "accuracy.md", command, args.n,
                    args.draws, time.perf_counter() - started)
     log.info("wrote %s and %s", args.out_dir / "accuracy.md", args.out_dir / "accuracy.png")

@@ -1,6 +1,6 @@
 """Result records: the one place that decides which fields a user receives, and in what form.
 
-Pure functions: an :class:`~stream_worker.uncertainty.Estimate` (or the error that prevented
+Pure functions: an :class:`~stream_worker.engine.uncertainty.Estimate` (or the error that prevented
 one) plus provenance in, a flat JSON-ready dict out.
 """
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 
-from . import __version__
-from .flags import ResultFlags, flag_summary, result_flags
-from .uncertainty import Estimate
+from stream_worker import __version__
+from stream_worker.core.flags import ResultFlags, flag_summary, result_flags
+from stream_worker.engine.uncertainty import Estimate
 
 RESULT_FIELDS = (
     "teff", "e_teff", "logg", "e_logg", "fe_h", "e_fe_h",

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from stream_worker.devtools.kafka_broker import LocalService, ServiceError, ServiceProcess, free_ports, log_tail
+from devtools.kafka_broker import LocalService, ServiceError, ServiceProcess, free_ports, log_tail
 
 log = logging.getLogger(__name__)
 

@@ -28,19 +28,18 @@ spectrum at a chosen S/N, with chip gaps and bad pixels like the DR17 files in `
 Labels come from a realistic prior inside the emulators' validity boxes: giants from 40,000
 real DR17 red-giant ``(Teff, [Fe/H], [alpha/Fe])`` triples with log g from the tiny ANN shipped
 beside them; dwarfs from a main-sequence locus (see :func:`dwarf_labels`). Everything is
-reproducible from one seed. Data files and their provenance: ``stream_worker/data/README.md``.
+reproducible from one seed. Data files and their provenance: ``devtools/data/README.md``.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from .model import N_PIXELS
+from stream_worker.core.grid import N_PIXELS
 
 LABEL_NAMES = ("teff", "logg", "fe_h", "mg_fe", "vmacro")
 """Columns of every label array here (the emulators' input order)."""
@@ -63,7 +62,7 @@ EMULATED_MAX = 1.1
 BAD_ERROR = (1e10, 1e13)
 """Range of the error of bad pixels, as in DR17."""
 
-DATA = resources.files("stream_worker") / "data"
+DATA = Path(__file__).with_name("data")
 
 
 # --------------------------------------------------------------------------- emulators
@@ -115,8 +114,7 @@ def load_emulator(name: str = "giants", data_dir: str | None = None) -> Emulator
         "dwarfs": "binspec_dwarfs_NN_normalized_spectra.npz",
     }[name]
     base = Path(data_dir) if data_dir else DATA
-    with resources.as_file(base / filename) as path:
-        return Emulator.load(path)
+    return Emulator.load(base / filename)
 
 
 # --------------------------------------------------------------------------- label prior
@@ -126,7 +124,7 @@ def load_emulator(name: str = "giants", data_dir: str | None = None) -> Emulator
 def _giant_table(data_dir: str | None = None) -> np.ndarray:
     """Real DR17 giant labels ``(N, 4)``: Teff, log g (from the shipped ANN), [Fe/H], [alpha/Fe]."""
     base = Path(data_dir) if data_dir else DATA
-    with resources.as_file(base / "dr17_giant_labels.npz") as path, np.load(path) as d:
+    with np.load(base / "dr17_giant_labels.npz") as d:
         triples = d["training_labels"].astype(np.float64)  # teff, feh, alpha
         x = (triples - d["xmin"]) / (d["xmax"] - d["xmin"]) - 0.5
         hidden = x
@@ -191,7 +189,7 @@ class SyntheticSpectra:
     """Spectra on the apStar grid with their true labels.
 
     ``flux`` and ``ivar`` (float32, ``(N, 8575)``) are what an apStar row gives after
-    :func:`stream_worker.spectrum.ivar_from_error`; ``model_flux`` is the noise-free flux (NaN in
+    :func:`stream_worker.core.spectrum.ivar_from_error`; ``model_flux`` is the noise-free flux (NaN in
     the gaps) and ``error`` the 1-sigma error (inf in the gaps, 1e10+ at bad pixels).
     """
 

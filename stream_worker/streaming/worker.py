@@ -7,7 +7,7 @@ during a rebalance) with every partition *paused*: no more data is fetched (back
 the member stays in its group however slow the batch (a slow batch cannot make the group
 thrash), rebalances are served, and SIGTERM is seen.
 Results and dead letters are then published and the offsets committed by the
-:class:`~stream_worker.checkpoint.Checkpoint`. When a rebalance takes partitions away, the
+:class:`~stream_worker.streaming.checkpoint.Checkpoint`. When a rebalance takes partitions away, the
 uncommitted work of those partitions is dropped — neither published nor committed here — and
 their new owner processes it from the last commit, so nothing is committed that was not published.
 """
@@ -26,10 +26,11 @@ from kafka import ConsumerRebalanceListener
 from kafka.errors import ProducerFencedError
 from kafka.structs import TopicPartition
 
-from .checkpoint import Checkpoint
-from .config import Config
-from .metrics import HealthServer, Metrics
-from .pipeline import BatchResult, FileReader, Pipeline
+from stream_worker.streaming.checkpoint import Checkpoint
+from stream_worker.config import Config
+from stream_worker.streaming.metrics import HealthServer, Metrics
+from stream_worker.streaming.batch import BatchResult, Pipeline
+from stream_worker.io.files import FileReader
 
 log = logging.getLogger(__name__)
 
@@ -330,8 +331,8 @@ def build_worker(config: Config) -> tuple[Worker, HealthServer | None]:
     The health endpoints come up first: while the model loads and the Kafka clients connect
     (which, with wrong credentials or an absent broker, can take forever), /healthz answers and
     /readyz says what the worker is waiting for."""
-    from .inference import Estimator
-    from .kafka_io import BrokerProbe, make_consumer, make_producer
+    from stream_worker.engine.estimator import Estimator
+    from stream_worker.streaming.kafka_clients import BrokerProbe, make_consumer, make_producer
 
     metrics = Metrics()
     waiting_for = ["loading the model"]

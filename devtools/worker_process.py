@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .kafka_broker import free_ports
+from devtools.kafka_broker import free_ports
 
 
 class WorkerProcess:

@@ -8,8 +8,8 @@ runs as a child JVM.
 
 Command line::
 
-    python -m stream_worker.devtools.kafka_broker fetch
-    python -m stream_worker.devtools.kafka_broker run --data-dir D [--port P]
+    python -m devtools.kafka_broker fetch
+    python -m devtools.kafka_broker run --data-dir D [--port P]
 """
 
 from __future__ import annotations
@@ -399,7 +399,7 @@ class LocalKafka(LocalService):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stream_worker.devtools.kafka_broker", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m devtools.kafka_broker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("fetch", help="resolve the Kafka jars into the cache and exit")

@@ -1,11 +1,11 @@
 """Training a (small) APOGEENet on realistic synthetic spectra: ``stream-worker train``.
 
-The network is the production class (:class:`~stream_worker.model.ApogeeNet`) at smaller sizes,
-fed exactly what inference feeds it (:func:`stream_worker.preprocess.network_inputs`), with
-targets normalised by the constants inference undoes (:mod:`stream_worker.uncertainty`), so a
+The network is the production class (:class:`~stream_worker.engine.weights.ApogeeNet`) at smaller sizes,
+fed exactly what inference feeds it (:func:`stream_worker.engine.preprocess.network_inputs`), with
+targets normalised by the constants inference undoes (:mod:`stream_worker.engine.uncertainty`), so a
 trained checkpoint is a drop-in ``engine.weights`` file.
 
-Data: noise-free synthetic spectra (:mod:`stream_worker.synthetic`) are generated once into
+Data: noise-free synthetic spectra (:mod:`devtools.synthetic`) are generated once into
 memory; every epoch each one is given a new S/N (log-uniform in ``snr_range``), a new overall
 flux level, a new noise realisation and a new gap style. Half of the inputs (``draw_fraction``)
 are then noised a second time exactly as the Monte Carlo draws are at inference (``flux + error
@@ -35,11 +35,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .model import ApogeeNet, ModelSizes, load_model
-from .preprocess import network_inputs
-from .synthetic import LABEL_NAMES, SpectrumGenerator
-from .uncertainty import FE_H_NORM, LOG_TEFF_NORM, LOGG_NORM
+from stream_worker import __version__
+from stream_worker.engine.network import ApogeeNet, ModelSizes
+from stream_worker.engine.weights import load_model
+from stream_worker.engine.preprocess import network_inputs
+from devtools.synthetic import LABEL_NAMES, SpectrumGenerator
+from stream_worker.engine.uncertainty import FE_H_NORM, LOG_TEFF_NORM, LOGG_NORM
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +332,7 @@ def train(settings: TrainSettings, output: str | Path, description: str | None =
             "normalisation": {"logg": list(LOGG_NORM), "log10_teff": list(LOG_TEFF_NORM), "fe_h": list(FE_H_NORM)},
         },
         "training_set": {
-            "generator": "stream_worker.synthetic.SpectrumGenerator",
+            "generator": "devtools.synthetic.SpectrumGenerator",
             "spectra": settings.n_train,
             "labels": list(LABEL_NAMES),
             "label_ranges": {
@@ -369,10 +370,11 @@ def train(settings: TrainSettings, output: str | Path, description: str | None =
 # --------------------------------------------------------------------------- command line
 
 
-def add_train_parser(sub) -> argparse.ArgumentParser:
-    """The ``train`` sub-command's options."""
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m devtools.training``'s options."""
     defaults = TrainSettings()
-    parser = sub.add_parser("train", help="train a small APOGEENet on synthetic spectra (demonstration model)")
+    parser = argparse.ArgumentParser(prog="python -m devtools.training",
+                                     description="train a small APOGEENet on synthetic spectra (demonstration model)")
     parser.add_argument("-o", "--output", type=Path, default=Path("out/apogeenet-demo.pt"),
                         help="checkpoint path; metadata goes to the same name with .json")
     parser.add_argument("--n-train", type=int, default=defaults.n_train)
@@ -392,12 +394,12 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--init-from", default=None,
                         help="fine-tune this checkpoint (same sizes) instead of starting from random weights; "
                              "the Monte Carlo-like inputs are then used from the first step")
-    parser.set_defaults(func=cmd_train)
     return parser
 
 
-def cmd_train(args: argparse.Namespace, config=None) -> int:
-    """``stream-worker train``: trains and writes the checkpoint and its metadata."""
+def main(argv: list[str] | None = None) -> int:
+    """Trains and writes the checkpoint and its metadata."""
+    args = build_parser().parse_args(argv)
     sizes = dict(
         channels=tuple(int(c) for c in str(args.channels).split(",")),
         kernel_size=args.kernel_size,
@@ -425,10 +427,7 @@ def cmd_train(args: argparse.Namespace, config=None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m stream_worker.training")
-    add_train_parser(parser.add_subparsers(dest="command", required=True))
-    parsed = parser.parse_args(["train", *sys.argv[1:]])
-    sys.exit(parsed.func(parsed))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    sys.exit(main())
