@@ -14,12 +14,13 @@ import time
 import numpy as np
 import torch
 
+from stream_worker.core.labels import APOGEENET_III
 from stream_worker.io.apstar import read_apstar
 from stream_worker.engine.estimator import Estimator
 from stream_worker.engine.weights import load_model, random_model
 from stream_worker.engine.preprocess import noise_draws
 from devtools.sdss_reference import reference_estimate
-from tests.helpers import DWARF_FILE, GIANT_FILE
+from devtools.samples import DWARF_FILE, GIANT_FILE
 
 OUTPUTS = ("teff", "logg", "fe_h", "raw_e_teff", "raw_e_logg", "raw_e_fe_h", "e_teff", "e_logg", "e_fe_h")
 
@@ -63,10 +64,9 @@ def main() -> None:
         rows = [reference_estimate(model, flux[i], ivar[i], noise_draws(ids[i], 0, args.draws, flux.shape[1]))
                 for i in range(len(ids))]
         for row in rows:  # the calibrated errors as the pipeline's noise model gives them
-            row.update(e_teff=1.25 * row["raw_e_teff"] + 10, e_logg=1.25 * row["raw_e_logg"] + 0.01,
-                       e_fe_h=row["raw_e_fe_h"] + 0.01)
+            row.update({f"e_{name}": APOGEENET_III.calibrate(row[f"raw_e_{name}"], name) for name in ("teff", "logg", "fe_h")})
     else:
-        rows = warm.estimate(flux, ivar, ids)
+        rows = [estimate.science() for estimate in warm.estimate(flux, ivar, ids)]
     seconds = time.perf_counter() - started
     if args.profile:
         with torch.profiler.profile() as profiler:

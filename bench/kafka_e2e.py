@@ -26,7 +26,7 @@ from stream_worker.engine.weights import load_model, random_model
 from stream_worker.io.files import FileReader
 from stream_worker.streaming.batch import Pipeline
 from stream_worker.core.spectrum import Spectrum
-from tests.helpers import consumed
+from devtools.samples import consumed
 
 REPO = Path(__file__).resolve().parent.parent
 TRIVIAL_SIZES = dict(channels=(1, 1), kernel_size=2, pooled_length=1, linear_width=1, linear_layers=0)

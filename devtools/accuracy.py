@@ -33,6 +33,7 @@ import torch
 from stream_worker.engine.estimator import Estimator
 from stream_worker.core.grid import N_PIXELS
 from stream_worker.engine.weights import load_model
+from devtools.samples import DATA
 from devtools.synthetic import EMULATOR_PIXELS, SpectrumGenerator
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,9 @@ def robust(d: np.ndarray) -> tuple[float, float, float]:
     return med, float(1.4826 * np.median(np.abs(d - med))), float(np.std(d))
 
 
-def records_array(records: list[dict], field: str) -> np.ndarray:
-    return np.array([np.nan if r[field] is None else r[field] for r in records], dtype=float)
+def records_array(estimates: list, field: str) -> np.ndarray:
+    """One field of the engine's estimates as floats (NaN where it is None)."""
+    return np.array([np.nan if getattr(e, field) is None else getattr(e, field) for e in estimates], dtype=float)
 
 
 def chi2_survival(chi2: float, dof: int) -> float:
@@ -100,9 +102,9 @@ def synthetic_results(estimator: Estimator, n: int, seed: int) -> dict:
             "achieved_snr": spectra.achieved_snr(),
             "pred": np.column_stack([records_array(records, k) for k in LABELS]),
             "err": np.column_stack([records_array(records, f"e_{k}") for k in LABELS]),
-            "flags": np.array([r["result_flags"] for r in records]),
-            "warn": np.array([bool(r["flag_warn"]) for r in records]),
-            "bad": np.array([bool(r["flag_bad"]) for r in records]),
+            "flags": np.array([e.result_flags for e in records]),
+            "warn": np.array([e.flag_warn for e in records]),
+            "bad": np.array([e.flag_bad for e in records]),
         }
         log.info("S/N %d: %d spectra in %.0f s", snr, n, time.perf_counter() - started)
     return out
@@ -114,7 +116,7 @@ def real_results(estimator: Estimator) -> list[dict]:
 
     rows = []
     for name, (kind, reference) in REAL_FILES.items():
-        path = REPO / "tests" / "data" / name
+        path = DATA / name
         if not path.exists():
             log.warning("%s missing: real-file rows skipped", path)
             continue
@@ -124,8 +126,8 @@ def real_results(estimator: Estimator) -> list[dict]:
         )
         for spectrum, record in zip(spectra, records):
             rows.append({"file": name, "star": kind, "reference": reference, "which": spectrum.spectrum_id.split(":")[1],
-                         **{k: record[k] for k in ("teff", "e_teff", "logg", "e_logg", "fe_h", "e_fe_h",
-                                                    "result_flags", "flag_warn", "flag_bad")}})
+                         **{k: getattr(record, k) for k in ("teff", "e_teff", "logg", "e_logg", "fe_h", "e_fe_h",
+                                                            "result_flags", "flag_warn", "flag_bad")}})
     return rows
 
 

@@ -2,7 +2,7 @@
 
 The network is the production class (:class:`~stream_worker.engine.weights.ApogeeNet`) at smaller sizes,
 fed exactly what inference feeds it (:func:`stream_worker.engine.preprocess.network_inputs`), with
-targets normalised by the constants inference undoes (:mod:`stream_worker.engine.uncertainty`), so a
+targets normalised by the model card inference reads (:mod:`stream_worker.core.labels`), so a
 trained checkpoint is a drop-in ``engine.weights`` file.
 
 Data: noise-free synthetic spectra (:mod:`devtools.synthetic`) are generated once into
@@ -40,7 +40,7 @@ from stream_worker.engine.network import ApogeeNet, ModelSizes
 from stream_worker.engine.weights import load_model
 from stream_worker.engine.preprocess import network_inputs
 from devtools.synthetic import LABEL_NAMES, SpectrumGenerator
-from stream_worker.engine.uncertainty import FE_H_NORM, LOG_TEFF_NORM, LOGG_NORM
+from stream_worker.core.labels import APOGEENET_III, ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -72,23 +72,17 @@ class TrainSettings:
     init_from: str | None = None
 
 
-def normalise_targets(labels: np.ndarray) -> np.ndarray:
-    """``[teff, logg, fe_h, ...]`` → the network's normalised ``[logg, log10 teff, fe_h]``."""
-    return np.column_stack(
-        [
-            (labels[:, 1] - LOGG_NORM[0]) / LOGG_NORM[1],
-            (np.log10(labels[:, 0]) - LOG_TEFF_NORM[0]) / LOG_TEFF_NORM[1],
-            (labels[:, 2] - FE_H_NORM[0]) / FE_H_NORM[1],
-        ]
-    ).astype(np.float32)
+def normalise_targets(labels: np.ndarray, card: ModelCard = APOGEENET_III) -> np.ndarray:
+    """``[teff, logg, fe_h, ...]`` → the network's normalised outputs, in the card's order: the
+    constants inference undoes, written into the checkpoint's metadata."""
+    physical_values = {"logg": labels[:, 1], "log10_teff": np.log10(labels[:, 0]), "fe_h": labels[:, 2]}
+    return np.column_stack([card.normalise(physical_values[name], name) for name in card.outputs]).astype(np.float32)
 
 
-def physical(outputs: np.ndarray) -> np.ndarray:
+def physical(outputs: np.ndarray, card: ModelCard = APOGEENET_III) -> np.ndarray:
     """Normalised network outputs ``(N, 3)`` → ``(N, 3)`` ``[teff, logg, fe_h]``."""
-    logg = outputs[:, 0] * LOGG_NORM[1] + LOGG_NORM[0]
-    teff = 10 ** (outputs[:, 1] * LOG_TEFF_NORM[1] + LOG_TEFF_NORM[0])
-    fe_h = outputs[:, 2] * FE_H_NORM[1] + FE_H_NORM[0]
-    return np.column_stack([teff, logg, fe_h])
+    value = {name: card.unnormalise(outputs[:, i], name) for i, name in enumerate(card.outputs)}
+    return np.column_stack([10 ** value["log10_teff"], value["logg"], value["fe_h"]])
 
 
 def scatter_stats(predicted: np.ndarray, truth: np.ndarray) -> dict:
@@ -327,10 +321,7 @@ def train(settings: TrainSettings, output: str | Path, description: str | None =
         "bytes": output.stat().st_size,
         "parameters": n_params,
         "sizes": {**settings.sizes, "channels": list(settings.sizes["channels"]), "n_outputs": 3},
-        "targets": {
-            "order": ["logg", "log10_teff", "fe_h"],
-            "normalisation": {"logg": list(LOGG_NORM), "log10_teff": list(LOG_TEFF_NORM), "fe_h": list(FE_H_NORM)},
-        },
+        **APOGEENET_III.to_metadata(),
         "training_set": {
             "generator": "devtools.synthetic.SpectrumGenerator",
             "spectra": settings.n_train,

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from stream_worker.config import ConfigError, load_config
+from stream_worker.io.serializers import FORMATS
 from stream_worker.logs import setup_logging
 
 log = logging.getLogger("stream_worker")
@@ -31,10 +32,11 @@ def cmd_infer(args: argparse.Namespace, config) -> int:
     """Runs the engine on apStar files; a file that cannot be read is reported and skipped."""
     import numpy as np
 
-    from stream_worker.io.apstar import read_apstar
-    from stream_worker.engine.estimator import Estimator
-    from stream_worker.io.serializers import write_records
+    from stream_worker.core.records import build_record
     from stream_worker.core.spectrum import InputError, validate_spectrum
+    from stream_worker.engine.estimator import Estimator
+    from stream_worker.io.apstar import read_apstar
+    from stream_worker.io.serializers import write_records
 
     config = _apply_engine_options(config, args)
     estimator = Estimator.from_config(config.engine)
@@ -46,15 +48,16 @@ def cmd_infer(args: argparse.Namespace, config) -> int:
             failures += 1
             log.error("skipping %s: [%s] %s", path, exc.reason, exc)
     records, started = [], time.perf_counter()
+    provenance = estimator.provenance
     step = estimator.chunk_spectra
     for start in range(0, len(spectra), step):
         chunk = spectra[start : start + step]
-        results = estimator.estimate(
+        estimates = estimator.estimate(
             np.stack([s.flux for s in chunk]), np.stack([s.ivar for s in chunk]), [s.spectrum_id for s in chunk]
         )
-        records += [{**s.metadata(), **r} for s, r in zip(chunk, results)]
+        records += [build_record(s, e, provenance) for s, e in zip(chunk, estimates)]
         _progress(len(records), len(spectra), time.perf_counter() - started)
-    write_records(records, args.output)
+    write_records(records, args.output, args.format)
     log.info("wrote %d records (%d files skipped)", len(records), failures)
     return 1 if failures else 0
 
@@ -133,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     infer = sub.add_parser("infer", parents=[common], help="estimate parameters for apStar files")
     infer.add_argument("files", nargs="+", type=Path)
     infer.add_argument("--visits", action="store_true", help="also each visit spectrum, not only the coadd")
-    infer.add_argument("-o", "--output", default=None, help="out.fits | out.csv | out.jsonl (default: JSON lines on stdout)")
+    infer.add_argument("-o", "--output", default=None,
+                       help="out.fits | out.csv | out.jsonl | out.json (default: JSON lines on stdout)")
+    infer.add_argument("--format", default=None, choices=sorted(FORMATS),
+                       help="output format (default: from the output's suffix)")
     _engine_options(infer)
     infer.set_defaults(func=cmd_infer)
 

@@ -30,6 +30,7 @@ class KafkaConfig:
     bootstrap_servers: list[str] = field(default_factory=lambda: ["127.0.0.1:9092"])
     input_topics: list[str] = field(default_factory=lambda: ["apogee.spectra"])
     output_topic: str = "apogee.results"
+    result_format: str = "json"
     dead_letter_topic: str = "apogee.deadletter"
     group_id: str = "stream-worker"
     client_id: str = "stream-worker"
@@ -224,6 +225,7 @@ def _check(config: Config) -> Config:
                 raise ConfigError(f"{key}: must be one of {CHOICES[key]}, found {value!r}")
             if key in POSITIVE and value is not None and value <= 0:
                 raise ConfigError(f"{key}: must be positive, found {value!r}")
+    _check_result_format(config.kafka.result_format)
     if not config.kafka.input_topics:
         raise ConfigError("kafka.input_topics: at least one input topic is needed")
     if config.engine.num_draws < 0 or config.engine.num_draws == 1:
@@ -242,6 +244,15 @@ def _check(config: Config) -> Config:
     if config.kafka.security_protocol.startswith("SASL") and not config.kafka.sasl_mechanism:
         raise ConfigError("kafka.sasl_mechanism: required with a SASL security protocol")
     return config
+
+
+def _check_result_format(name: str) -> None:
+    from stream_worker.io.serializers import FORMATS, serializer
+
+    if name not in FORMATS or serializer(name).encode is None:
+        streamable = [n for n in FORMATS if serializer(n).encode is not None]
+        raise ConfigError(f"kafka.result_format: must be a format that encodes one record per message "
+                          f"({', '.join(streamable)}), found {name!r}")
 
 
 def load_config(path: str | os.PathLike | None = None, environ: typing.Mapping[str, str] | None = None) -> Config:

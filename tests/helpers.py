@@ -3,18 +3,13 @@ consumed messages."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
-from kafka.consumer.fetcher import ConsumerRecord
 
+from devtools.samples import DATA, DWARF_FILE, GIANT_FILE, consumed  # noqa: F401 (shared with the benchmarks)
 from stream_worker.core.grid import N_PIXELS
 from stream_worker.engine.weights import random_model
 
-DATA = Path(__file__).parent / "data"
-GIANT_FILE = DATA / "apStar-dr17-2M17335483-2753043.fits"
-DWARF_FILE = DATA / "apStar-dr17-2M19485057+5005279.fits"
 
 SMALL_SIZES = dict(channels=(4, 8), kernel_size=30, pooled_length=16, linear_width=32, linear_layers=2)
 
@@ -51,10 +46,10 @@ class Explodes(torch.nn.Module):
         return self.inner(x)
 
 
-def consumed(value, key=b"key", offset=0, headers=None, topic="apogee.spectra", partition=0,
-             timestamp=1_764_000_000_000):
-    """A message as kafka-python's consumer hands it over."""
-    return ConsumerRecord(
-        topic, partition, -1, offset, timestamp, 0, key, value, list(headers or []), None,
-        -1 if key is None else len(key), -1 if value is None else len(value), -1,
-    )
+def records_of(engine, flux, ivar, ids=None) -> list[dict]:
+    """The engine's estimates as the records users receive (one builder for stream and files)."""
+    from stream_worker.core.records import build_record
+    from stream_worker.core.spectrum import Spectrum
+
+    estimates = engine.estimate(flux, ivar, ids)
+    return [build_record(Spectrum(e.spectrum_id, f, v), e, engine.provenance) for e, f, v in zip(estimates, flux, ivar)]

@@ -8,7 +8,7 @@ from astropy.table import Table
 
 from stream_worker.cli import main
 from stream_worker.engine.weights import DEMO_MODEL_NAME
-from stream_worker.core.records import RESULT_FIELDS
+from stream_worker.core.estimate import SCIENCE_FIELDS
 from tests.helpers import DWARF_FILE, GIANT_FILE, small_model
 
 
@@ -29,7 +29,7 @@ def test_jsonl_has_one_row_per_spectrum(tmp_path, weights):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["spectrum_id"].split(":")[1] for r in rows] == ["coadd", "visit1", "visit2", "visit3", "coadd", "visit1"]
     for row in rows:
-        assert set(RESULT_FIELDS) <= set(row)
+        assert set(SCIENCE_FIELDS) <= set(row)
         assert row["teff"] > 0 and row["e_teff"] > 10 and row["spectrum_kind"] in ("coadd", "visit")
         assert row["model_name"] == "small.pt"
 

@@ -17,7 +17,7 @@ from stream_worker.engine.weights import (
     DEMO_MODEL_FILE, DEMO_MODEL_NAME, WeightsError, infer_sizes, load_demo_model, load_model,
 )
 from stream_worker.engine.network import ModelSizes
-from tests.helpers import DWARF_FILE, GIANT_FILE
+from tests.helpers import DWARF_FILE, GIANT_FILE, records_of
 
 MODELS = resources.files("stream_worker") / "models"
 
@@ -80,7 +80,8 @@ def test_engine_without_weights_runs_the_demo_and_says_so(caplog):
 def real_records(demo):
     spectra = read_apstar(GIANT_FILE, visits=True) + read_apstar(DWARF_FILE, visits=True)
     estimator = Estimator(demo, num_draws=20, seed=0, device="cpu")  # as the pipeline and docs/accuracy.md
-    records = estimator.estimate(
+    records = records_of(
+        estimator,
         np.stack([s.flux for s in spectra]), np.stack([s.ivar for s in spectra]), [s.spectrum_id for s in spectra]
     )
     return {s.spectrum_id.split("-", 2)[2]: r for s, r in zip(spectra, records)}

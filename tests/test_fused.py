@@ -3,7 +3,15 @@ import torch
 
 from stream_worker.engine.kernels import FusedApogeeNet, SpectralConv
 from stream_worker.engine.network import ApogeeNet
+from stream_worker.engine.precision import NetworkForm, precision_mode
 from stream_worker.engine.weights import random_model
+
+
+def network(model: ApogeeNet, precision: str = "exact", fft: bool = True) -> FusedApogeeNet:
+    """The fused network the engine runs its Monte Carlo draws through in ``precision`` on a CPU
+    (in exact mode also its clean pass)."""
+    plan = precision_mode(precision).plan("cpu", model.sizes.channels, model.sizes.kernel_size, fft=fft)
+    return FusedApogeeNet(model, plan.draws)
 
 
 def inputs(n: int = 3) -> torch.Tensor:
@@ -31,7 +39,7 @@ def test_exact_fused_network_computes_the_same_function(sizes, spectral):
     x = inputs()
     with torch.inference_mode():
         expected = model(x)
-        fused = FusedApogeeNet(model, "exact", spectral=spectral)(x)
+        fused = network(model, "exact", fft=spectral)(x)
     assert torch.allclose(fused, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
 
 
@@ -39,29 +47,28 @@ def test_exact_fused_network_computes_the_same_function(sizes, spectral):
 def test_a_row_gives_the_same_bits_among_any_number_of_rows(precision, spectral):
     """Kernels block (and round) by shape; fixed-size passes make a row's output independent of
     how many rows share its call and where it sits among them."""
-    network = FusedApogeeNet(with_trained_like_batchnorm(random_model(device="cpu", seed=3)), precision,
-                             spectral=spectral)
+    fused = network(with_trained_like_batchnorm(random_model(device="cpu", seed=3)), precision, fft=spectral)
     x = inputs(21)
     with torch.inference_mode():
-        together = network(x)
+        together = fused(x)
         for part in (slice(0, 1), slice(4, 9), slice(20, 21), slice(3, 20)):
-            assert torch.equal(network(x[part]), together[part]), part
+            assert torch.equal(fused(x[part]), together[part]), part
 
 
 def test_the_residual_convolutions_run_by_fft_on_cpu_in_both_precisions():
     model = random_model(device="cpu", seed=3)
     for precision in ("exact", "fast"):
-        network = FusedApogeeNet(model, precision)
-        spectral = [name for name, module in network.named_modules() if isinstance(module, SpectralConv)]
+        fused = network(model, precision)
+        spectral = [name for name, module in fused.named_modules() if isinstance(module, SpectralConv)]
         assert spectral == [f"res_blocks.{i}.conv{j}" for i in range(4) for j in (1, 2)]
-    assert not any(isinstance(m, SpectralConv) for m in FusedApogeeNet(model, "exact", spectral=False).modules())
+    assert not any(isinstance(m, SpectralConv) for m in network(model, "exact", fft=False).modules())
 
 
 def test_fast_form_on_cpu_has_only_the_heads_first_layer_in_bfloat16():
     """The FFT convolutions are faster in float32 than direct bfloat16 here, so the trunk computes
     exactly what the exact form does; the head's big first layer is what bfloat16 speeds up."""
     model = with_trained_like_batchnorm(random_model(device="cpu", seed=3))
-    exact, fast = FusedApogeeNet(model, "exact"), FusedApogeeNet(model, "fast")
+    exact, fast = network(model, "exact"), network(model, "fast")
     in_bfloat16 = {name for name, p in fast.named_parameters() if p.dtype == torch.bfloat16}
     assert in_bfloat16 == {f"linear_sequential.0.module.linear_layer.{p}" for p in ("weight", "bias")}
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the module's own head is not touched
@@ -74,7 +81,7 @@ def test_fast_form_on_cpu_has_only_the_heads_first_layer_in_bfloat16():
 def test_short_kernels_and_narrow_channels_stay_direct():
     model = random_model(device="cpu", seed=3, channels=(2, 3, 5), kernel_size=8, pooled_length=4,
                          linear_width=4, linear_layers=1)
-    assert not any(isinstance(m, SpectralConv) for m in FusedApogeeNet(model, "exact").modules())
+    assert not any(isinstance(m, SpectralConv) for m in network(model, "exact").modules())
 
 
 @pytest.mark.parametrize("in_channels, out_channels, taps, padding, length, tile", [
@@ -103,7 +110,7 @@ def test_fft_tile_must_exceed_the_kernel():
 def test_fast_network_stays_close_and_keeps_float32_at_the_ends():
     """Direct bfloat16 convolutions: what the fast form runs where there is no FFT form (GPUs)."""
     model = with_trained_like_batchnorm(random_model(device="cpu", seed=3))
-    fast = FusedApogeeNet(model, "fast", spectral=False)
+    fast = network(model, "fast", fft=False)
     assert fast.first_conv.weight.dtype == torch.float32
     assert fast.res_blocks[0].conv1.weight.dtype == torch.float32
     assert fast.res_blocks[3].conv1.module.weight.dtype == torch.bfloat16
@@ -116,6 +123,11 @@ def test_fast_network_stays_close_and_keeps_float32_at_the_ends():
     assert torch.allclose(out, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
 
 
-def test_unknown_precision_is_refused():
-    with pytest.raises(ValueError, match="precision"):
-        FusedApogeeNet(ApogeeNet(channels=(4, 8), pooled_length=4, linear_width=4, linear_layers=1), "half")
+def test_unknown_precision_and_forms_are_refused():
+    with pytest.raises(ValueError, match="unknown precision 'half': choose one of exact, fast"):
+        precision_mode("half")
+    with pytest.raises(ValueError, match="unknown layer forms"):
+        NetworkForm(("fft-f16",))
+    model = ApogeeNet(channels=(4, 8), pooled_length=4, linear_width=4, linear_layers=1)
+    with pytest.raises(ValueError, match="the form has 4 convolutions, the network 2"):
+        FusedApogeeNet(model, NetworkForm(("direct-f32",) * 4))

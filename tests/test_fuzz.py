@@ -48,7 +48,7 @@ def _schema(name: str) -> dict:
 
 
 REASONS = frozenset(_schema("dead-letter-headers.v1.json")["properties"]["dlq.reason"]["enum"])
-RESULT_SCHEMA = jsonschema.Draft202012Validator(_schema("result.v1.json"))
+RESULT_SCHEMA = jsonschema.Draft202012Validator(_schema("result.v2.json"))
 DLQ_SCHEMA = jsonschema.Draft202012Validator(_schema("dead-letter-headers.v1.json"))
 OUTPUT, DEAD = "apogee.results", "apogee.deadletter"
 

@@ -7,9 +7,9 @@ import torch
 from stream_worker.core.flags import ResultFlags
 from stream_worker.engine.estimator import Estimator
 from stream_worker.engine.preprocess import noise_draws
-from stream_worker.core.records import RESULT_FIELDS
+from stream_worker.core.estimate import SCIENCE_FIELDS
 from devtools.sdss_reference import reference_estimate
-from tests.helpers import Explodes, small_model, synthetic_spectra
+from tests.helpers import Explodes, records_of, small_model, synthetic_spectra
 
 RAW = ("teff", "logg", "fe_h", "raw_e_teff", "raw_e_logg", "raw_e_fe_h")
 
@@ -32,12 +32,12 @@ def spectra():
 @pytest.fixture(scope="module")
 def records(tiny_model, spectra):
     flux, ivar = spectra
-    return Estimator(tiny_model, num_draws=20, seed=5).estimate(flux, ivar, [f"s{i}" for i in range(5)])
+    return records_of(Estimator(tiny_model, num_draws=20, seed=5), flux, ivar, [f"s{i}" for i in range(5)])
 
 
 def test_records_have_exactly_the_result_fields(records):
     for record in records:
-        assert set(RESULT_FIELDS) <= set(record)
+        assert set(SCIENCE_FIELDS) <= set(record)
         assert record["result_flags"] == 0 or record["result_flags"] & ResultFlags.UNRELIABLE_FE_H
         assert record["model_name"] == "random-untrained" and record["model_trained"] is False
         assert record["weights_sha256"] and record["worker_version"]
@@ -57,7 +57,7 @@ def test_full_size_network_matches_the_reference():
 
     model = random_model(device="cpu", seed=1)
     flux, ivar = synthetic_spectra(2, seed=2)
-    records = Estimator(model, num_draws=4, seed=0).estimate(flux, ivar, ["a", "b"])
+    records = records_of(Estimator(model, num_draws=4, seed=0), flux, ivar, ["a", "b"])
     for i, spectrum_id in enumerate(["a", "b"]):
         with torch.no_grad():
             expected = reference_estimate(model, flux[i], ivar[i], noise_draws(spectrum_id, 0, 4, flux.shape[1]))
@@ -87,13 +87,13 @@ def test_result_does_not_depend_on_batch_companions(tiny_model, spectra, precisi
     forward passes of an odd number of rows: a re-delivered batch rarely has the same companions."""
     flux, ivar = spectra
     engine = Estimator(tiny_model, num_draws=num_draws, seed=5, precision=precision)
-    together = engine.estimate(flux, ivar, [f"s{i}" for i in range(5)])
-    alone = engine.estimate(flux[3:4], ivar[3:4], ["s3"])[0]
+    together = records_of(engine, flux, ivar, [f"s{i}" for i in range(5)])
+    alone = records_of(engine, flux[3:4], ivar[3:4], ["s3"])[0]
     other_flux, other_ivar = synthetic_spectra(7, seed=99)
     mixed_flux = np.concatenate([other_flux[:4], flux[3:4], other_flux[4:]])
     mixed_ivar = np.concatenate([other_ivar[:4], ivar[3:4], other_ivar[4:]])
     ids = [f"o{i}" for i in range(4)] + ["s3"] + [f"o{i}" for i in range(4, 7)]
-    crowded = Estimator(tiny_model, num_draws=num_draws, seed=5, precision=precision, batch_size=13).estimate(
+    crowded = records_of(Estimator(tiny_model, num_draws=num_draws, seed=5, precision=precision, batch_size=13), 
         mixed_flux, mixed_ivar, ids)[4]
     assert_identical(alone, together[3])
     assert_identical(crowded, together[3])
@@ -104,10 +104,10 @@ def test_fast_mode_reports_the_exact_values_and_close_uncertainties(tiny_model, 
     from the clean pass through the exact network, bit for bit; only their spread moves, a little."""
     flux, ivar = spectra
     ids = [f"s{i}" for i in range(5)]
-    exact = Estimator(tiny_model, num_draws=20, seed=5).estimate(flux, ivar, ids)
+    exact = records_of(Estimator(tiny_model, num_draws=20, seed=5), flux, ivar, ids)
     engine = Estimator(tiny_model, num_draws=20, seed=5, precision="fast")
     assert engine.draws_model is not engine.model
-    fast = engine.estimate(flux, ivar, ids)
+    fast = records_of(engine, flux, ivar, ids)
     moved = 0
     for a, b in zip(fast, exact):
         for name in ("teff", "logg", "fe_h", "result_flags"):
@@ -120,7 +120,7 @@ def test_fast_mode_reports_the_exact_values_and_close_uncertainties(tiny_model, 
 
 def test_chunking_does_not_change_results(tiny_model, spectra, records):
     flux, ivar = spectra
-    chunked = Estimator(tiny_model, num_draws=20, seed=5, chunk_spectra=2).estimate(
+    chunked = records_of(Estimator(tiny_model, num_draws=20, seed=5, chunk_spectra=2), 
         flux, ivar, [f"s{i}" for i in range(5)]
     )
     for a, b in zip(chunked, records):
@@ -129,9 +129,9 @@ def test_chunking_does_not_change_results(tiny_model, spectra, records):
 
 def test_same_spectrum_same_uncertainties_on_redelivery(tiny_model, spectra):
     flux, ivar = spectra
-    first = Estimator(tiny_model, seed=5).estimate(flux[:1], ivar[:1], ["x"])[0]
-    again = Estimator(tiny_model, seed=5).estimate(flux[:1], ivar[:1], ["x"])[0]
-    renamed = Estimator(tiny_model, seed=5).estimate(flux[:1], ivar[:1], ["y"])[0]
+    first = records_of(Estimator(tiny_model, seed=5), flux[:1], ivar[:1], ["x"])[0]
+    again = records_of(Estimator(tiny_model, seed=5), flux[:1], ivar[:1], ["x"])[0]
+    renamed = records_of(Estimator(tiny_model, seed=5), flux[:1], ivar[:1], ["y"])[0]
     assert first["raw_e_teff"] == again["raw_e_teff"]
     assert first["raw_e_teff"] != renamed["raw_e_teff"]
     assert first["teff"] == renamed["teff"]  # the clean pass has no noise
@@ -139,7 +139,7 @@ def test_same_spectrum_same_uncertainties_on_redelivery(tiny_model, spectra):
 
 def test_zero_draws_means_no_uncertainties(tiny_model, spectra):
     flux, ivar = spectra
-    record = Estimator(tiny_model, num_draws=0).estimate(flux[:1], ivar[:1], ["z"])[0]
+    record = records_of(Estimator(tiny_model, num_draws=0), flux[:1], ivar[:1], ["z"])[0]
     assert record["teff"] > 0
     for name in ("e_teff", "e_logg", "e_fe_h", "raw_e_teff", "raw_e_logg", "raw_e_fe_h"):
         assert record[name] is None
@@ -154,7 +154,7 @@ def test_invalid_draw_counts_are_refused(tiny_model, draws):
 def test_failing_spectrum_gets_runtime_flag_and_others_are_unaffected(tiny_model, spectra, records):
     flux, ivar = (a.copy() for a in spectra)
     flux[2, 400] = 1500.0
-    out = Estimator(Explodes(tiny_model), num_draws=20, seed=5).estimate(flux, ivar, [f"s{i}" for i in range(5)])
+    out = records_of(Estimator(Explodes(tiny_model), num_draws=20, seed=5), flux, ivar, [f"s{i}" for i in range(5)])
     bad = out[2]
     assert bad["result_flags"] == ResultFlags.RUNTIME_EXCEPTION
     assert bad["flag_bad"] is True and bad["flag_warn"] is False
@@ -177,16 +177,16 @@ class NaNOutput(torch.nn.Module):
 
 def test_non_finite_outputs_are_never_reported_as_numbers(tiny_model, spectra):
     flux, ivar = spectra
-    record = Estimator(NaNOutput(tiny_model)).estimate(flux[:1], ivar[:1], ["n"])[0]
+    record = records_of(Estimator(NaNOutput(tiny_model)), flux[:1], ivar[:1], ["n"])[0]
     assert record["teff"] is None and record["result_flags"] == ResultFlags.RUNTIME_EXCEPTION
     assert "not finite" in record["error_message"]
 
 
 def test_wrong_array_shapes_are_refused(tiny_model):
     with pytest.raises(ValueError, match=r"\(N, L\)"):
-        Estimator(tiny_model).estimate(np.zeros(8575), np.zeros(8575))
+        records_of(Estimator(tiny_model), np.zeros(8575), np.zeros(8575))
     with pytest.raises(ValueError, match="3 ids for 1 spectra"):
-        Estimator(tiny_model).estimate(np.zeros((1, 8575)), np.zeros((1, 8575)), ["a", "b", "c"])
+        records_of(Estimator(tiny_model), np.zeros((1, 8575)), np.zeros((1, 8575)), ["a", "b", "c"])
 
 
 def test_teff_conversion(tiny_model, spectra, records):
@@ -209,6 +209,6 @@ def test_engine_fft_switch_keeps_the_numbers_and_can_be_turned_off(spectra):
     by_fft, direct = Estimator(model, num_draws=4, fft=True), Estimator(model, num_draws=4, fft=False)
     assert any(isinstance(m, SpectralConv) for m in by_fft.model.modules())
     assert not any(isinstance(m, SpectralConv) for m in direct.model.modules())
-    for a, b in zip(by_fft.estimate(flux, ivar), direct.estimate(flux, ivar)):
+    for a, b in zip(records_of(by_fft, flux, ivar), records_of(direct, flux, ivar)):
         assert_same_result(a, b)
     assert EngineConfig().fft is True

@@ -20,13 +20,14 @@ import torch
 from stream_worker.core.flags import ResultFlags
 from stream_worker.engine.estimator import Estimator
 from stream_worker.io.wire import (
-    CONTENT_TYPE, MAX_HEADER_BYTES, RESULT_CONTENT_TYPE, FileReference, decode_input, encode_inline, encode_reference,
+    CONTENT_TYPE, MAX_HEADER_BYTES, FileReference, decode_input, encode_inline, encode_reference,
 )
 from stream_worker.core.grid import N_PIXELS
 from stream_worker.io.files import FileReader
 from stream_worker.streaming.batch import Pipeline
-from stream_worker.core.records import RESULT_FIELDS
+from stream_worker.core.estimate import SCIENCE_FIELDS
 from stream_worker.core.spectrum import InputError, Spectrum
+from stream_worker.io.serializers.json_records import RESULT_CONTENT_TYPE
 from tests.helpers import DATA, DWARF_FILE, GIANT_FILE, Explodes, consumed, small_model, synthetic_spectra
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "messages.md"
@@ -48,7 +49,7 @@ def validator(name: str) -> jsonschema.Draft202012Validator:
 
 
 HEADER_SCHEMA = validator("input-header.v1.json")
-RESULT_SCHEMA = validator("result.v1.json")
+RESULT_SCHEMA = validator("result.v2.json")
 DLQ_SCHEMA = validator("dead-letter-headers.v1.json")
 REASONS = frozenset(load_schema("dead-letter-headers.v1.json")["properties"]["dlq.reason"]["enum"])
 
@@ -395,11 +396,11 @@ def test_published_records_validate_against_the_result_schema(pipeline, spectra)
         RESULT_SCHEMA.validate(record)
         assert out.key == record["spectrum_id"].encode()
         assert out.headers == [("content-type", RESULT_CONTENT_TYPE.encode())]
-        assert set(record) == set(load_schema("result.v1.json")["required"])
+        assert set(record) == set(load_schema("result.v2.json")["required"])
         assert (record["input_topic"], record["input_partition"], record["input_offset"],
                 record["input_timestamp_ms"]) == (message.topic, message.partition, message.offset, message.timestamp)
         assert record["model_name"] == "random-untrained" and record["model_trained"] is False
-        assert all(record[name] is not None for name in RESULT_FIELDS)
+        assert all(record[name] is not None for name in SCIENCE_FIELDS)
     inline, visit, dwarf = (strict_json(outgoing[i].value) for i in (0, 3, 4))
     assert inline["origin"] == "inline" and inline["source_id"] == "2M00000000" and inline["telescope"] == "lco25m"
     assert (visit["spectrum_kind"], visit["visit"], visit["source_id"]) == ("visit", 2, GIANT_ID)
@@ -412,7 +413,7 @@ def test_records_of_a_redelivered_spectrum_have_the_same_science_fields(pipeline
     first = strict_json(_results(pipeline.run(messages[1:2]))[0].value)
     again = strict_json(_results(pipeline.run([messages[1]._replace(offset=99)]))[0].value)
     crowded = strict_json(_results(pipeline.run(messages))[1].value)
-    assert {k: first[k] for k in RESULT_FIELDS} == {k: again[k] for k in RESULT_FIELDS}
+    assert {k: first[k] for k in SCIENCE_FIELDS} == {k: again[k] for k in SCIENCE_FIELDS}
     assert again["input_offset"] == 99
     # with other batch companions: equal up to float32 rounding (docs/messages.md)
     for name in ("teff", "logg", "fe_h"):
@@ -437,7 +438,7 @@ def test_runtime_exception_record_validates(model, spectra):
     bad = records[1]
     assert bad["result_flags"] == ResultFlags.RUNTIME_EXCEPTION
     assert bad["flag_bad"] is True and bad["flag_warn"] is False
-    assert all(bad[name] is None for name in RESULT_FIELDS[:9])
+    assert all(bad[name] is None for name in SCIENCE_FIELDS[:9])
     assert bad["error_message"] == "RuntimeError: boom"
     assert records[0]["teff"] is not None and records[2]["error_message"] is None
 
@@ -473,7 +474,8 @@ def clean_record(pipeline, spectra) -> dict:
         {"weights_sha256": "abc"},
         {"spectrum_kind": "combined"},
         {"published_at": "yesterday"},
-        {"schema_version": 2},
+        {"schema_version": 1},
+        {"engine_plan": ""},
         {"error_message": "RuntimeError: boom"},
     ],
     ids=repr,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stream_worker.io.wire import encode_inline, encode_reference
-from stream_worker.core.records import RESULT_FIELDS
+from stream_worker.core.estimate import SCIENCE_FIELDS
 from stream_worker.core.spectrum import Spectrum
 from tests.helpers import DWARF_FILE, GIANT_FILE
 from tests.streaming import (
@@ -37,7 +37,7 @@ def test_n_inputs_give_n_records_with_every_field(kafka_broker, workers):
     assert sorted(r["spectrum_id"] for r in out) == sorted(
         ids + ["apStar-dr17-2M17335483-2753043:visit2", "apStar-dr17-2M19485057+5005279:coadd"])
     for record in out:
-        assert set(RESULT_FIELDS) <= set(record)
+        assert set(SCIENCE_FIELDS) <= set(record)
         assert record["teff"] > 0 and record["e_teff"] > 10
         assert record["input_topic"] == topics.input and record["input_offset"] >= 0
         assert record["weights_sha256"] and record["schema_version"] == 1

@@ -1,56 +1,78 @@
-"""Result records: the one place that decides which fields a user receives, and in what form.
+"""Result records: the one place that decides which fields a user receives, and in what order.
 
-Pure functions: an :class:`~stream_worker.engine.uncertainty.Estimate` (or the error that prevented
-one) plus provenance in, a flat JSON-ready dict out.
+Every record — published by the stream, written by ``stream-worker infer``, in any output format
+— is built by :func:`build_record` from a spectrum's identity, the engine's
+:class:`~stream_worker.core.estimate.Estimate`, the engine's :class:`Provenance` and, for the
+stream, where the input came from (:class:`KafkaSource`). Pure: a flat JSON-ready dict out.
+The field list is the contract of ``schemas/result.v2.json`` (``docs/messages.md``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 
 from stream_worker import __version__
-from stream_worker.core.flags import ResultFlags, flag_summary, result_flags
-from stream_worker.engine.uncertainty import Estimate
+from stream_worker.core.estimate import Estimate
+from stream_worker.core.spectrum import Spectrum
 
-RESULT_FIELDS = (
-    "teff", "e_teff", "logg", "e_logg", "fe_h", "e_fe_h",
-    "raw_e_teff", "raw_e_logg", "raw_e_fe_h",
-    "result_flags", "flag_warn", "flag_bad",
-)
-"""The science fields of every record, in the SDSS pipeline's names."""
-
-PARAMETER_FIELDS = RESULT_FIELDS[:9]
+RESULT_SCHEMA_VERSION = 2
+"""Version of the result record; v2 added ``engine_plan`` (``docs/messages.md``, versioning)."""
 
 
 def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def result_record(
-    spectrum_id: str,
-    estimate: Estimate | None,
-    weights_info,
-    inference_seconds: float,
-    error: BaseException | None = None,
-) -> dict:
-    """A record for one spectrum. Without an estimate (processing raised) the parameters are
-    ``None`` and ``flag_runtime_exception`` is set, so a failure is never silent."""
-    if estimate is None:
-        flags = int(ResultFlags.RUNTIME_EXCEPTION)
-        parameters = dict.fromkeys(PARAMETER_FIELDS)
-    else:
-        flags = int(result_flags(estimate.teff, estimate.logg, estimate.fe_h))
-        parameters = {name: getattr(estimate, name) for name in PARAMETER_FIELDS}
-    return {
-        "spectrum_id": spectrum_id,
-        **parameters,
-        "result_flags": flags,
-        **flag_summary(flags),
-        "error_message": None if error is None else f"{type(error).__name__}: {error}",
-        "model_name": weights_info.name,
-        "model_trained": weights_info.trained,
-        "weights_sha256": weights_info.sha256,
-        "worker_version": __version__,
-        "inference_seconds": inference_seconds,
+@dataclass(frozen=True)
+class Provenance:
+    """What produced a record: the weights, the precision plan in force, the worker's version."""
+
+    model_name: str
+    model_trained: bool
+    weights_sha256: str
+    engine_plan: str
+    worker_version: str = __version__
+
+
+@dataclass(frozen=True)
+class KafkaSource:
+    """Where a streamed input came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None
+
+    @classmethod
+    def of(cls, message) -> KafkaSource:
+        """From a consumed message (kafka-python's ``ConsumerRecord`` or anything shaped like it)."""
+        return cls(message.topic, message.partition, message.offset, message.timestamp)
+
+
+def build_record(spectrum: Spectrum, estimate: Estimate, provenance: Provenance,
+                 source: KafkaSource | None = None) -> dict:
+    """One spectrum's record: identity, science, provenance, timing and, for streamed inputs,
+    the input's position and the time the record was built for publishing."""
+    record = {
+        "schema_version": RESULT_SCHEMA_VERSION,
+        **spectrum.metadata(),
+        **estimate.science(),
+        "error_message": estimate.error_message,
+        "model_name": provenance.model_name,
+        "model_trained": provenance.model_trained,
+        "weights_sha256": provenance.weights_sha256,
+        "engine_plan": provenance.engine_plan,
+        "worker_version": provenance.worker_version,
+        "inference_seconds": estimate.inference_seconds,
         "processed_at": utc_now(),
     }
+    if source is not None:
+        record.update(
+            input_topic=source.topic,
+            input_partition=source.partition,
+            input_offset=source.offset,
+            input_timestamp_ms=source.timestamp_ms,
+            published_at=utc_now(),
+        )
+    return record

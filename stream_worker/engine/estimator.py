@@ -4,7 +4,9 @@ Per spectrum: clean input + ``num_draws`` noisy inputs (noise from that spectrum
 generator) form one contiguous block of rows; blocks of many spectra are stacked and pushed
 through the network in batches of ``batch_size`` rows. Spectra are taken ``chunk_spectra`` at a
 time so memory stays bounded for any number of inputs. A spectrum that fails (bad values, a
-network error, non-finite outputs) gets a runtime-exception record; the others are unaffected.
+network error, non-finite outputs) gets a failed :class:`~stream_worker.core.estimate.Estimate`;
+the others are unaffected. The engine returns estimates, never records: those are built in
+:mod:`stream_worker.core.records`.
 """
 
 from __future__ import annotations
@@ -17,18 +19,21 @@ import numpy as np
 import torch
 
 from stream_worker.config import EngineConfig
+from stream_worker.core.estimate import Estimate, failed, measured
+from stream_worker.core.labels import APOGEENET_III
+from stream_worker.core.records import Provenance
 from stream_worker.engine.kernels import FusedApogeeNet
-from stream_worker.engine.weights import DEMO_MODEL_NAME, load_model, random_model, resolve_device
 from stream_worker.engine.network import ApogeeNet
+from stream_worker.engine.precision import PrecisionPlan, precision_mode
 from stream_worker.engine.preprocess import network_inputs, noise_draws
-from stream_worker.core.records import result_record
-from stream_worker.engine.uncertainty import Estimate, summarise, unnormalise
+from stream_worker.engine.uncertainty import summarise, unnormalise
+from stream_worker.engine.weights import DEMO_MODEL_NAME, load_model, random_model, resolve_device
 
 log = logging.getLogger(__name__)
 
 
 class Estimator:
-    """Runs APOGEENet on ``(N, L)`` flux and ivar arrays and returns one record per spectrum."""
+    """Runs APOGEENet on ``(N, L)`` flux and ivar arrays and returns one estimate per spectrum."""
 
     def __init__(
         self,
@@ -41,27 +46,41 @@ class Estimator:
         precision: str = "exact",
         fft: bool = True,
     ) -> None:
-        """``fft``: let the fused network compute its residual blocks' convolutions by FFT where that
-        was measured to pay (CPUs); ``False`` keeps the direct sums and their exact rounding."""
+        """``precision``: a mode of :data:`~stream_worker.engine.precision.MODES`, resolved into a
+        plan for this device and network. ``fft``: let the plan use FFT convolutions where they were
+        measured to pay (CPUs); ``False`` keeps the direct sums and their exact rounding."""
         if num_draws < 0 or num_draws == 1:
             raise ValueError(f"num_draws must be 0 (no uncertainties) or at least 2, got {num_draws}")
+        mode = precision_mode(precision)
         self.device = resolve_device(device) if device is not None else next(model.parameters()).device
         model = model.eval().to(self.device)
-        # the fused form computes the same function faster; other modules (test doubles) run as given.
-        # Fast mode: the clean rows, which give the reported values, still go through the exact
-        # form; only the Monte Carlo draws, which give the spread, through the reduced-precision one.
+        self.weights_info = model.weights_info
+        self.card = getattr(self.weights_info, "card", APOGEENET_III)
+        # The fused form computes the same function faster; other modules (test doubles) run as given.
+        # The clean rows, which give the reported values, always go through the plan's clean network;
+        # the Monte Carlo draws, which give the spread, through its draws network (the same one
+        # unless the mode reduces their precision).
         self.model = self.draws_model = model
+        self.plan: PrecisionPlan | None = None
         if isinstance(model, ApogeeNet):
-            spectral = None if fft else False
-            self.model = self.draws_model = FusedApogeeNet(model, "exact", spectral=spectral)
-            if precision == "fast":
-                self.draws_model = FusedApogeeNet(model, "fast", spectral=spectral)
-        self.precision = precision
+            self.plan = mode.plan(self.device.type, model.sizes.channels, model.sizes.kernel_size, fft=fft)
+            self.plan.apply()
+            self.model = self.draws_model = FusedApogeeNet(model, self.plan.clean)
+            if self.plan.draws != self.plan.clean:
+                self.draws_model = FusedApogeeNet(model, self.plan.draws)
+            log.info("precision plan: %s", self.plan.label)
+        self.precision = mode.name
         self.num_draws = int(num_draws)
         self.seed = 0 if seed is None else int(seed)
         self.batch_size = int(batch_size or (1024 if self.device.type == "cuda" else 256))
         self.chunk_spectra = int(chunk_spectra)
-        self.weights_info = model.weights_info
+
+    @property
+    def provenance(self) -> Provenance:
+        """What every record of this engine says produced it."""
+        info = self.weights_info
+        plan = self.plan.label if self.plan is not None else f"{self.precision}/{self.device.type} module as given"
+        return Provenance(info.name, info.trained, info.sha256, plan)
 
     @classmethod
     def from_config(cls, engine: EngineConfig) -> Estimator:
@@ -94,8 +113,8 @@ class Estimator:
             fft=engine.fft,
         )
 
-    def estimate(self, flux: np.ndarray, ivar: np.ndarray, ids: Sequence[str] | None = None) -> list[dict]:
-        """Records for ``N`` spectra. ``ids`` seed each spectrum's noise; without them the row
+    def estimate(self, flux: np.ndarray, ivar: np.ndarray, ids: Sequence[str] | None = None) -> list[Estimate]:
+        """Estimates for ``N`` spectra. ``ids`` seed each spectrum's noise; without them the row
         index is the identifier, so pass real identifiers wherever results must be reproducible."""
         flux = np.asarray(flux)
         ivar = np.asarray(ivar)
@@ -104,27 +123,27 @@ class Estimator:
         ids = [str(i) for i in range(len(flux))] if ids is None else [str(i) for i in ids]
         if len(ids) != len(flux):
             raise ValueError(f"{len(ids)} ids for {len(flux)} spectra")
-        records: list[dict] = []
+        estimates: list[Estimate] = []
         for start in range(0, len(flux), self.chunk_spectra):
             stop = start + self.chunk_spectra
-            records += self._estimate_chunk(flux[start:stop], ivar[start:stop], ids[start:stop])
-        return records
+            estimates += self._estimate_chunk(flux[start:stop], ivar[start:stop], ids[start:stop])
+        return estimates
 
-    def _estimate_chunk(self, flux: np.ndarray, ivar: np.ndarray, ids: list[str]) -> list[dict]:
+    def _estimate_chunk(self, flux: np.ndarray, ivar: np.ndarray, ids: list[str]) -> list[Estimate]:
         started = time.perf_counter()
-        outcomes: dict[int, Estimate | BaseException] = {}
+        outcomes: dict[int, tuple | BaseException] = {}
         blocks = self._input_blocks(flux, ivar, ids, outcomes)
         outcomes.update(self._run_blocks(blocks))
         seconds = (time.perf_counter() - started) / max(len(ids), 1)
-        records = []
+        estimates = []
         for i, spectrum_id in enumerate(ids):
             outcome = outcomes[i]
             if isinstance(outcome, BaseException):
                 log.warning("spectrum %s failed: %s: %s", spectrum_id, type(outcome).__name__, outcome)
-                records.append(result_record(spectrum_id, None, self.weights_info, seconds, error=outcome))
+                estimates.append(failed(spectrum_id, outcome, seconds))
             else:
-                records.append(result_record(spectrum_id, outcome, self.weights_info, seconds))
-        return records
+                estimates.append(measured(spectrum_id, *outcome, self.card, seconds))
+        return estimates
 
     def _input_blocks(self, flux: np.ndarray, ivar: np.ndarray, ids: list[str],
                       failures: dict[int, BaseException]) -> dict[int, torch.Tensor]:
@@ -149,7 +168,7 @@ class Estimator:
                     failures[i] = exc
             return blocks
 
-    def _run_blocks(self, blocks: dict[int, torch.Tensor]) -> dict[int, Estimate | BaseException]:
+    def _run_blocks(self, blocks: dict[int, torch.Tensor]) -> dict[int, tuple | BaseException]:
         """All blocks in one stack; if that raises, each block alone, so one bad spectrum
         cannot take down the others."""
         if not blocks:
@@ -165,13 +184,13 @@ class Estimator:
                     per_block[i] = self._forward(block)
                 except Exception as single_exc:
                     per_block[i] = single_exc
-        outcomes: dict[int, Estimate | BaseException] = {}
+        outcomes: dict[int, tuple | BaseException] = {}
         for i, rows in per_block.items():
             if isinstance(rows, BaseException):
                 outcomes[i] = rows
                 continue
             try:
-                outcomes[i] = summarise(rows[0], rows[1:] if self.num_draws else None)
+                outcomes[i] = summarise(rows[0], rows[1:] if self.num_draws else None, self.card)
             except Exception as exc:
                 outcomes[i] = exc
         return outcomes
@@ -196,4 +215,4 @@ class Estimator:
         if self.device.type == "cuda":
             inputs = inputs.pin_memory()
         outputs = [model(batch.to(self.device, non_blocking=True)).float() for batch in inputs.split(self.batch_size)]
-        return unnormalise(torch.cat(outputs).cpu())
+        return unnormalise(torch.cat(outputs).cpu(), self.card)

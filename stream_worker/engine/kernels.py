@@ -1,18 +1,15 @@
-"""An inference-only form of :class:`~stream_worker.engine.weights.ApogeeNet`, built from its weights.
+"""An inference-only form of :class:`~stream_worker.engine.network.ApogeeNet`, built from its
+weights and a :class:`~stream_worker.engine.precision.NetworkForm`.
 
 Same function, less work: each BatchNorm (eval mode: a fixed affine map) is folded into the
 convolution before it; the convolutions run as ``(1 x k)`` 2-D convolutions in channels-last
-layout, which oneDNN executes markedly faster on CPUs; and on CPUs the residual blocks' 30-tap
-convolutions are computed by FFT (overlap-save), which needs several times fewer multiplications
-than the direct sum and agrees with it to float32 rounding. Outputs agree with the module to
-float32 rounding (tests/test_fused.py).
-
-``precision="fast"`` is the form the engine's fast mode runs its Monte Carlo draws through: the
-dense head's first layer (65536 x 1024 in APOGEENet III, ~16% of the time on a CPU) and the
-direct convolutions of the last two residual blocks run in bfloat16; convolutions computed by FFT
-stay float32, which on CPUs is faster than direct bfloat16 (last block: 3.0 vs 4.1 ms per row on
-a 2-core AVX512-BF16 EPYC without AMX). The residual stream, the input scaling, the first
-convolutions and the pooling stay float32 everywhere."""
+layout, which oneDNN executes markedly faster on CPUs; a residual convolution whose form is
+``fft-f32`` is computed by FFT (overlap-save), which needs several times fewer multiplications
+than the direct sum and agrees with it to float32 rounding; ``direct-bf16`` convolutions and a
+``bf16`` head run in bfloat16 between float32 activations. The residual stream, the input scaling,
+the first convolution and the pooling stay float32 in every form (tests/test_fused.py). Which
+form each layer takes is the precision plan's decision, not this module's.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from stream_worker.engine.network import ApogeeNet
-
-PRECISIONS = ("exact", "fast")
+from stream_worker.engine.precision import NetworkForm
 
 
 def _folded_conv(conv: nn.Conv1d, bn: nn.BatchNorm1d) -> nn.Conv2d:
@@ -39,12 +35,8 @@ def _folded_conv(conv: nn.Conv1d, bn: nn.BatchNorm1d) -> nn.Conv2d:
     return folded.to(memory_format=torch.channels_last)
 
 
-# Where the FFT pays on a CPU (measured per residual block, 16-row passes, 2-core AVX-512 EPYC): every
-# residual block of the full-size network, from 4->8 channels (0.25 vs 0.32 ms per row) to the last
-# block (3.0 vs 7.5 ms per row; 4.1 in direct bfloat16). Tiles of 256 samples (227 outputs each) and
-# 2 spectra per pass, so that a pass's spectra stay in cache, were fastest.
-SPECTRAL_MIN_TAPS = 16
-SPECTRAL_MIN_CHANNEL_PRODUCT = 32
+# Tiles of 256 samples (227 outputs each) and 2 spectra per pass, so that a pass's spectra stay in
+# cache, were fastest (2-core AVX-512 EPYC).
 SPECTRAL_TILE = 256
 SPECTRAL_ROWS = 2
 
@@ -101,24 +93,21 @@ class InBFloat16(nn.Module):
         return self.module(x.to(torch.bfloat16)).float()
 
 
-def _conv(conv: nn.Conv2d, precision: str, spectral: bool) -> nn.Module:
-    """The folded ``conv`` as it runs: by FFT in float32 where that was measured faster than direct
-    sums in either precision (30 taps, 4->8 channels and wider, on CPUs), else directly, in
-    bfloat16 for ``precision="fast"``."""
-    out_channels, in_channels, _, taps = conv.weight.shape
-    if spectral and taps >= SPECTRAL_MIN_TAPS and in_channels * out_channels >= SPECTRAL_MIN_CHANNEL_PRODUCT:
+def _conv(conv: nn.Conv2d, form: str) -> nn.Module:
+    """The folded ``conv`` as it runs in ``form`` (one of the plan's ``CONV_FORMS``)."""
+    if form == "fft-f32":
         return SpectralConv(conv)
-    return InBFloat16(conv) if precision == "fast" else conv
+    return InBFloat16(conv) if form == "direct-bf16" else conv
 
 
 class FusedResBlock(nn.Module):
     """The residual block with the zero-padded shortcut added in place into its channel slice
     (no padded copy) and in-place activations; float32 in and out."""
 
-    def __init__(self, block, precision: str = "exact", spectral: bool = False) -> None:
+    def __init__(self, block, forms: tuple[str, str]) -> None:
         super().__init__()
-        self.conv1 = _conv(_folded_conv(block.conv1, block.bn1), precision, spectral)
-        self.conv2 = _conv(_folded_conv(block.conv2, block.bn2), precision, spectral)
+        self.conv1 = _conv(_folded_conv(block.conv1, block.bn1), forms[0])
+        self.conv2 = _conv(_folded_conv(block.conv2, block.bn2), forms[1])
         self.first_channel = block.shortcut_padding[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,33 +126,26 @@ HEAD_ROWS = 64
 class FusedApogeeNet(nn.Module):
     """Takes and returns what :class:`ApogeeNet` does: ``(B, 1, L)`` → ``(B, 3)``."""
 
-    def __init__(self, model: ApogeeNet, precision: str = "exact", trunk_rows: int | None = None,
-                 spectral: bool | None = None) -> None:
-        """``spectral``: FFT for the residual blocks' convolutions; by default on CPUs, where it was measured.
-        ``trunk_rows``: rows per trunk pass; by default ``TRUNK_ROWS`` for the model's device."""
+    def __init__(self, model: ApogeeNet, form: NetworkForm, trunk_rows: int | None = None) -> None:
+        """``trunk_rows``: rows per trunk pass; by default ``TRUNK_ROWS`` for the model's device."""
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if len(form.convs) != 2 * len(model.res_blocks):
+            raise ValueError(f"the form has {len(form.convs)} convolutions, the network {2 * len(model.res_blocks)}")
         model = model.eval()
         device_type = next(model.parameters()).device.type
-        if spectral is None:
-            spectral = device_type == "cpu"
         self.pos_enc = model.pos_enc
         self.first_conv = _folded_conv(model.first_conv.conv_layer, model.first_conv.bn)
-        # fast: the last two blocks (~95% of the convolutions' arithmetic) and the head's first layer
-        fast_from = len(model.res_blocks) - 2
         self.res_blocks = nn.ModuleList(
-            FusedResBlock(block, precision if i >= fast_from else "exact", spectral)
-            for i, block in enumerate(model.res_blocks)
+            FusedResBlock(block, form.convs[2 * i : 2 * i + 2]) for i, block in enumerate(model.res_blocks)
         )
         self.adapt_pool = model.adapt_pool
         self.linear_sequential = model.linear_sequential  # shared with the module, not copied
-        if precision == "fast":
+        if form.head == "bf16":
             first, *rest = model.linear_sequential
             self.linear_sequential = nn.Sequential(InBFloat16(copy.deepcopy(first)), *rest)
         self.weights_info = getattr(model, "weights_info", None)
         self.sizes = model.sizes
-        self.precision = precision
+        self.form = form
         self.trunk_rows = trunk_rows or TRUNK_ROWS.get(device_type, TRUNK_ROWS["cuda"])
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

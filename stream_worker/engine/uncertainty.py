@@ -1,76 +1,43 @@
-"""From network outputs to physical parameters and their uncertainties.
+"""From network outputs to physical parameters and their raw Monte Carlo uncertainties.
 
 The reported values come from the clean (un-noised) pass; the raw uncertainties are the unbiased
-standard deviations of the Monte Carlo draws; the calibrated ones apply the pipeline's post-hoc
-noise model. Pure functions on tensors and floats.
+standard deviations of the draws. What the outputs mean (order, normalisation) is the model
+card's (:class:`~stream_worker.core.labels.ModelCard`). Pure functions on tensors and floats.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-# (mean, scale) that undo the training normalisation, in the network's output order.
-LOGG_NORM = (3.2, 1.2)
-LOG_TEFF_NORM = (3.7, 0.1)
-FE_H_NORM = (-0.2, 0.3)
+from stream_worker.core.labels import ModelCard
 
 
-def unnormalise(outputs: torch.Tensor) -> torch.Tensor:
-    """``(B, 3)`` normalised outputs → ``[logg, log10 teff, fe_h]``, in the outputs' float32."""
+def unnormalise(outputs: torch.Tensor, card: ModelCard) -> torch.Tensor:
+    """``(B, 3)`` normalised outputs → physical units in the card's output order, in float32."""
     outputs = outputs.float()
-    columns = [outputs[:, i] * scale + mean for i, (mean, scale) in enumerate((LOGG_NORM, LOG_TEFF_NORM, FE_H_NORM))]
-    return torch.stack(columns, dim=1)
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """One spectrum's parameters; the ``raw_e_*`` and ``e_*`` are ``None`` without draws."""
-
-    teff: float
-    logg: float
-    fe_h: float
-    raw_e_teff: float | None = None
-    raw_e_logg: float | None = None
-    raw_e_fe_h: float | None = None
-
-    @property
-    def e_teff(self) -> float | None:
-        return None if self.raw_e_teff is None else 1.25 * self.raw_e_teff + 10.0
-
-    @property
-    def e_logg(self) -> float | None:
-        return None if self.raw_e_logg is None else 1.25 * self.raw_e_logg + 0.01
-
-    @property
-    def e_fe_h(self) -> float | None:
-        return None if self.raw_e_fe_h is None else self.raw_e_fe_h + 0.01
+    return torch.stack([card.unnormalise(outputs[:, i], name) for i, name in enumerate(card.outputs)], dim=1)
 
 
 class NonFiniteOutput(ArithmeticError):
     """The network produced NaN or infinity: no number from it may be reported."""
 
 
-def summarise(clean: torch.Tensor, draws: torch.Tensor | None) -> Estimate:
-    """One spectrum's estimate from its unnormalised clean output ``(3,)`` and draws ``(D, 3)``."""
-    logg, log_teff, fe_h = (float(v) for v in clean)
+def summarise(clean: torch.Tensor, draws: torch.Tensor | None, card: ModelCard) -> tuple[float, float, float, tuple | None]:
+    """``(teff, logg, fe_h, raw)`` of one spectrum from its unnormalised clean output ``(3,)`` and
+    draws ``(D, 3)``; ``raw`` is ``(raw_e_teff, raw_e_logg, raw_e_fe_h)``, ``None`` without draws."""
+    columns = [card.column(name) for name in ("logg", "log10_teff", "fe_h")]
+    logg, log_teff, fe_h = (float(clean[i]) for i in columns)
     values = [logg, log_teff, fe_h]
     spread = None
     if draws is not None and draws.shape[0] > 0:
-        spread = [float(v) for v in torch.std(draws, dim=0)]
+        std = torch.std(draws, dim=0)
+        spread = [float(std[i]) for i in columns]
         values += spread
     if not all(math.isfinite(v) for v in values):
         raise NonFiniteOutput(f"network output is not finite: {values}")
     teff = 10.0**log_teff
     if spread is None:
-        return Estimate(teff=teff, logg=logg, fe_h=fe_h)
-    return Estimate(
-        teff=teff,
-        logg=logg,
-        fe_h=fe_h,
-        raw_e_teff=teff * spread[1] * math.log(10),
-        raw_e_logg=spread[0],
-        raw_e_fe_h=spread[2],
-    )
+        return teff, logg, fe_h, None
+    return teff, logg, fe_h, (teff * spread[1] * math.log(10), spread[0], spread[2])

@@ -7,8 +7,10 @@ random; here every missing, unexpected or mis-shaped key is named.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stream_worker.core.labels import APOGEENET_III, ModelCard, ModelCardError
 from stream_worker.engine.network import ApogeeNet, ModelSizes
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,34 @@ class WeightsInfo:
     sha256: str
     sizes: dict = field(default_factory=dict)
     trained: bool = True
+    card: ModelCard = APOGEENET_III
+    """What the outputs mean, from the metadata beside the weights (default: APOGEENet III)."""
+
+
+def metadata_path(weights: Path) -> Path:
+    """Where a checkpoint's metadata JSON lives: ``X.json`` beside ``X.pt``, or ``metadata.json``
+    inside a ``deconstructed_model/`` directory."""
+    return weights / "metadata.json" if weights.is_dir() else weights.with_suffix(".json")
+
+
+def read_card(weights: Path, sha256: str) -> ModelCard:
+    """The model card of the weights at ``weights``: from their metadata JSON when there is one
+    (its ``sha256``, if recorded, must be theirs), else APOGEENet III's."""
+    path = metadata_path(weights)
+    if not path.is_file():
+        return APOGEENET_III
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"cannot read the model metadata {path}: {exc}") from None
+    if not isinstance(metadata, dict):
+        raise WeightsError(f"{path}: expected a JSON object of model metadata")
+    if metadata.get("sha256") not in (None, sha256):
+        raise WeightsError(f"{path} describes other weights (sha256 {metadata['sha256']}), not {weights} ({sha256})")
+    try:
+        return ModelCard.from_metadata(metadata)
+    except ModelCardError as exc:
+        raise WeightsError(f"{path}: {exc}") from None
 
 
 _CHUNK = re.compile(r"^model_chunk_(\d+)$")
@@ -154,7 +185,8 @@ def load_model(
     check_state_dict(model, state_dict)
     model.load_state_dict(state_dict, strict=True)
     model.weights_info = WeightsInfo(
-        name=resolved.name, source=str(resolved), sha256=digest, sizes=asdict(model.sizes)
+        name=resolved.name, source=str(resolved), sha256=digest, sizes=asdict(model.sizes),
+        card=read_card(resolved, digest),
     )
     log.info("loaded weights %s (sha256 %s)", resolved, digest[:12])
     return model.eval().to(resolve_device(device))
@@ -174,7 +206,6 @@ def load_demo_model(
     emulated spectra only (``python -m devtools.training``; accuracy in ``docs/accuracy.md``). Not
     APOGEENet III: it exists so the product works out of the box. Its checksum must match the
     one recorded in its metadata JSON, else :class:`WeightsError`."""
-    import json
     from importlib import resources
 
     models = Path(directory) if directory is not None else resources.files("stream_worker") / "models"
@@ -191,10 +222,7 @@ def load_demo_model(
                 f"{found}, its metadata ({metadata_file.name}) records {recorded}"
             )
         model = load_model(checkpoint, device=device, sha256=sha256 or recorded)
-    info = model.weights_info
-    model.weights_info = WeightsInfo(
-        name=DEMO_MODEL_NAME, source=info.source, sha256=info.sha256, sizes=info.sizes, trained=True
-    )
+    model.weights_info = dataclasses.replace(model.weights_info, name=DEMO_MODEL_NAME)
     return model
 
 

@@ -1,4 +1,4 @@
-"""Kafka message formats (schema version 1): decoding inputs, encoding results and dead letters.
+"""The Kafka wire format (input schema version 1): decoding and encoding input messages, and the headers of dead letters.
 
 Input value, binary-safe and compact (docs/messages.md)::
 
@@ -7,7 +7,7 @@ Input value, binary-safe and compact (docs/messages.md)::
 The header says what the message is (``"inline"`` or ``"reference"``) and identifies the
 spectrum; an inline payload is the flux array followed by the ivar (or error) array, both
 ``n_pixels`` little-endian floats of ``dtype``. A reference names an apStar file and which
-spectrum in it; it has no payload. Result values are UTF-8 JSON, keyed by ``spectrum_id``.
+spectrum in it; it has no payload. Results are encoded by the serializers (``io.serializers``).
 
 Pure functions: bytes in, :class:`~stream_worker.core.spectrum.Spectrum` (or an ``InputError`` with
 a reason code) out.
@@ -29,11 +29,11 @@ from stream_worker.core.spectrum import InputError, Spectrum, ivar_from_error
 
 MAGIC = b"APSP"
 SCHEMA_VERSION = 1
+"""Version of the input envelope (the result record has its own, ``core.records.RESULT_SCHEMA_VERSION``)."""
 SUPPORTED_VERSIONS = (1,)
 MAX_HEADER_BYTES = 65_536
 DTYPES = ("<f4", "<f8")
 CONTENT_TYPE = "application/vnd.apogee.spectrum+binary; version=1"
-RESULT_CONTENT_TYPE = "application/vnd.apogee.result+json; version=1"
 _PREFIX = struct.Struct("<4sI")
 
 IDENTITY_FIELDS = ("spectrum_id", "source_id", "telescope", "spectrum_kind", "visit", "mjd")
@@ -201,11 +201,6 @@ def decode_input(value: bytes | None) -> Spectrum | FileReference:
         origin="inline",
         **_identity_fields(header),
     )
-
-
-def encode_result(record: dict) -> bytes:
-    """A result record as compact JSON; NaN never appears (missing numbers are null)."""
-    return json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
 
 
 def dead_letter_headers(

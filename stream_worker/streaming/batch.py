@@ -1,7 +1,8 @@
 """One micro-batch, from consumed messages to the messages to publish.
 
 decode → validate → preprocess + infer (the :class:`~stream_worker.engine.estimator.Estimator`) →
-build records. No Kafka here: consumed messages come in as plain objects with ``topic``,
+build records (:func:`~stream_worker.core.records.build_record`) → serialize (the configured
+:mod:`~stream_worker.io.serializers` format). No Kafka here: consumed messages come in as plain objects with ``topic``,
 ``partition``, ``offset``, ``key``, ``value``, ``headers`` and ``timestamp`` (kafka-python's
 ``ConsumerRecord`` fits), and what must be published goes out as :class:`Outgoing`. The worker
 publishes it and commits; tests drive this module without a broker.
@@ -10,21 +11,18 @@ publishes it and commits; tests drive this module without a broker.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from kafka.structs import TopicPartition
 
+from stream_worker.core.records import KafkaSource, build_record
+from stream_worker.core.spectrum import InputError, Spectrum, validate_spectrum
 from stream_worker.engine.estimator import Estimator
 from stream_worker.io.files import FileReader
-from stream_worker.io.wire import (
-    RESULT_CONTENT_TYPE, SCHEMA_VERSION, FileReference, dead_letter_headers, decode_input, encode_result,
-)
-from stream_worker.core.records import utc_now
-from stream_worker.core.spectrum import InputError, Spectrum, validate_spectrum
+from stream_worker.io.serializers import Serializer, serializer
+from stream_worker.io.wire import FileReference, dead_letter_headers, decode_input
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +81,16 @@ class Pipeline:
     """Turns a batch of consumed messages into result and dead-letter messages."""
 
     def __init__(self, estimator: Estimator, files: FileReader, output_topic: str, dead_letter_topic: str,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, result_format: Serializer | None = None) -> None:
+        """``result_format``: how each record becomes a message value (default JSON)."""
         self.estimator = estimator
         self.files = files
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
         self.max_message_bytes = max_message_bytes
+        self.result_format = result_format or serializer("json")
+        if self.result_format.encode is None:
+            raise ValueError(f"output format {self.result_format.name!r} cannot encode one record per message")
 
     def decode(self, message) -> Spectrum:
         """decode + validate one message; raises :class:`InputError` with a reason code."""
@@ -112,18 +114,19 @@ class Pipeline:
                 done[index] = self._dead_letter(message, "internal_error", f"{type(exc).__name__}: {exc}")
         if accepted:
             started = time.perf_counter()
-            records = self.estimator.estimate(
+            estimates = self.estimator.estimate(
                 np.stack([s.flux for _, _, s in accepted]),
                 np.stack([s.ivar for _, _, s in accepted]),
                 [s.spectrum_id for _, _, s in accepted],
             )
             result.inference_seconds = time.perf_counter() - started
-            for (index, message, spectrum), record in zip(accepted, records):
-                full = output_record(record, spectrum, message)
+            provenance = self.estimator.provenance
+            headers = [("content-type", self.result_format.content_type.encode())] if self.result_format.content_type else []
+            for (index, message, spectrum), estimate in zip(accepted, estimates):
+                full = build_record(spectrum, estimate, provenance, KafkaSource.of(message))
                 try:
                     outgoing = Outgoing(
-                        self.output_topic, spectrum.spectrum_id.encode(), encode_result(full),
-                        [("content-type", RESULT_CONTENT_TYPE.encode())],
+                        self.output_topic, spectrum.spectrum_id.encode(), self.result_format.encode(full), headers,
                     )
                 except (ValueError, UnicodeError) as exc:  # one bad record must not fail the batch
                     log.exception("cannot encode the record of %s", _where(message))
@@ -152,17 +155,3 @@ def _source(message) -> TopicPartition:
 
 def _where(message) -> str:
     return f"{message.topic}[{message.partition}]@{message.offset}"
-
-
-def output_record(result: dict, spectrum: Spectrum, message) -> dict:
-    """The published record: identity, science fields, provenance of the input, timing."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        **spectrum.metadata(),
-        **result,
-        "input_topic": message.topic,
-        "input_partition": message.partition,
-        "input_offset": message.offset,
-        "input_timestamp_ms": message.timestamp,
-        "published_at": utc_now(),
-    }

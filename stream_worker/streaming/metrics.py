@@ -15,7 +15,6 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from stream_worker import __version__
 from stream_worker.core.flags import FLAG_NAMES, set_bits
 
 log = logging.getLogger(__name__)
@@ -64,15 +63,18 @@ class Metrics:
                            registry=r)
         self.model_info = Gauge(
             "stream_worker_model_info", "The model in use (value 1)",
-            ["model_name", "weights_sha256", "trained", "device", "num_draws", "worker_version"], registry=r)
+            ["model_name", "weights_sha256", "trained", "device", "num_draws", "engine_plan", "worker_version"],
+            registry=r)
         for name in FLAG_NAMES.values():
             self.result_flags.labels(flag=name)
         self.dead_letters.labels(reason="decode_error")
 
-    def set_model(self, weights_info, device: str, num_draws: int) -> None:
+    def set_model(self, provenance, device: str, num_draws: int) -> None:
+        """``provenance``: the engine's :class:`~stream_worker.core.records.Provenance`."""
         self.model_info.labels(
-            model_name=weights_info.name, weights_sha256=weights_info.sha256[:16], trained=str(weights_info.trained).lower(),
-            device=device, num_draws=str(num_draws), worker_version=__version__,
+            model_name=provenance.model_name, weights_sha256=provenance.weights_sha256[:16],
+            trained=str(provenance.model_trained).lower(), device=device, num_draws=str(num_draws),
+            engine_plan=provenance.engine_plan, worker_version=provenance.worker_version,
         ).set(1)
 
     def count_published(self, records: list[dict]) -> None:

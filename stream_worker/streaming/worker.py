@@ -332,6 +332,7 @@ def build_worker(config: Config) -> tuple[Worker, HealthServer | None]:
     (which, with wrong credentials or an absent broker, can take forever), /healthz answers and
     /readyz says what the worker is waiting for."""
     from stream_worker.engine.estimator import Estimator
+    from stream_worker.io.serializers import serializer
     from stream_worker.streaming.kafka_clients import BrokerProbe, make_consumer, make_producer
 
     metrics = Metrics()
@@ -346,10 +347,10 @@ def build_worker(config: Config) -> tuple[Worker, HealthServer | None]:
         health = HealthServer(metrics, ready, config.metrics.host, config.metrics.port).start()
     engine = EngineThread()
     estimator = engine.submit(Estimator.from_config, config.engine).result()
-    metrics.set_model(estimator.weights_info, str(estimator.device), estimator.num_draws)
+    metrics.set_model(estimator.provenance, str(estimator.device), estimator.num_draws)
     pipeline = Pipeline(
         estimator, FileReader(config.inputs.data_roots), config.kafka.output_topic, config.kafka.dead_letter_topic,
-        config.inputs.max_message_bytes,
+        config.inputs.max_message_bytes, serializer(config.kafka.result_format),
     )
     waiting_for[0] = "connecting to Kafka"
     worker = Worker(config, pipeline, make_consumer(config), make_producer(config), metrics,

@@ -1,0 +1,132 @@
+"""Precision plans: which form each heavy layer of the network runs in, on which device.
+
+A *mode* (``engine.precision``: ``exact`` or ``fast``) is a named rule, one entry in
+:data:`MODES`. Resolved for a device and a network's sizes it gives a :class:`PrecisionPlan`:
+for the clean pass (which gives the reported values) and for the Monte Carlo draws (which give
+the spread), the form of every residual-block convolution and of the head's first layer. The
+plan is decided once, when the engine is built; the fused network is built from it, its label
+is logged, shown in the ``model_info`` metric and written into every record, because records
+are bit-identical only under the same plan (``docs/messages.md``). A new mode is one new entry.
+
+No torch at import: the config validates ``engine.precision`` against :data:`MODES` without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CONV_FORMS = ("fft-f32", "direct-f32", "direct-bf16")
+"""A residual convolution by FFT (overlap-save, float32), or a direct sum in float32 or bfloat16."""
+
+HEAD_FORMS = ("f32", "bf16")
+"""The dense head's first layer (65536 x 1024 in APOGEENet III) in float32 or bfloat16."""
+
+# Where the FFT pays on a CPU (measured per residual block, 16-row passes, 2-core AVX-512 EPYC): every
+# residual block of the full-size network, from 4->8 channels (0.25 vs 0.32 ms per row) to the last
+# block (3.0 vs 7.5 ms per row; 4.1 in direct bfloat16). Short kernels and narrow channels stay direct.
+FFT_MIN_TAPS = 16
+FFT_MIN_CHANNEL_PRODUCT = 32
+REDUCED_BLOCKS = 2
+"""Reduced precision may touch only the last residual blocks (~95% of the convolutions' arithmetic)."""
+
+
+@dataclass(frozen=True)
+class NetworkForm:
+    """How one fused network computes: ``convs`` holds the form of each residual block's two
+    convolutions in order (block 0 conv1, block 0 conv2, block 1 conv1, ...)."""
+
+    convs: tuple[str, ...]
+    head: str = "f32"
+
+    def __post_init__(self) -> None:
+        unknown = [form for form in self.convs if form not in CONV_FORMS] + \
+            ([self.head] if self.head not in HEAD_FORMS else [])
+        if unknown:
+            raise ValueError(f"unknown layer forms {unknown}: convolutions take {CONV_FORMS}, the head {HEAD_FORMS}")
+
+    def label(self) -> str:
+        """Runs of equal forms compressed: ``convs fft-f32x6,direct-bf16x2 head bf16``."""
+        runs: list[list] = []
+        for form in self.convs:
+            if runs and runs[-1][0] == form:
+                runs[-1][1] += 1
+            else:
+                runs.append([form, 1])
+        return f"convs {','.join(f'{form}x{count}' for form, count in runs)} head {self.head}"
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """A mode resolved for one device type and one network."""
+
+    mode: str
+    device_type: str
+    clean: NetworkForm
+    draws: NetworkForm
+    tf32: bool = False
+
+    def apply(self) -> None:
+        """Sets torch's process-wide TF32 switches to the plan's: torch leaves cuDNN's TF32
+        convolutions on by default, so on Ampere and Hopper "float32" would otherwise round
+        inputs to 10 mantissa bits. The clean pass is exact in every mode, so no mode turns it on."""
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        torch.backends.cudnn.allow_tf32 = self.tf32
+
+    @property
+    def label(self) -> str:
+        """What records and the ``model_info`` metric carry, e.g.
+        ``exact/cpu clean=draws: convs fft-f32x8 head f32``."""
+        if self.draws == self.clean:
+            return f"{self.mode}/{self.device_type} clean=draws: {self.clean.label()}"
+        return f"{self.mode}/{self.device_type} clean: {self.clean.label()}; draws: {self.draws.label()}"
+
+
+@dataclass(frozen=True)
+class PrecisionMode:
+    """A named rule. ``reduced_draws``: the Monte Carlo draws may run the head's first layer and
+    the last blocks' direct convolutions in bfloat16 (the clean pass never does, so the reported
+    values are the exact mode's, bit for bit)."""
+
+    name: str
+    description: str
+    reduced_draws: bool
+
+    def plan(self, device_type: str, channels: tuple[int, ...], kernel_size: int, fft: bool = True) -> PrecisionPlan:
+        """The plan for a network of these sizes on ``device_type`` (``cpu``, ``cuda``). ``fft``:
+        allow FFT convolutions where they were measured to pay (CPUs only)."""
+        use_fft = fft and device_type == "cpu"
+        shapes = [(c_in, c_out) for c_in, c_out in zip(channels, channels[1:])]
+        first_reduced = len(shapes) - REDUCED_BLOCKS
+
+        def form(in_channels: int, out_channels: int, block: int, reduced: bool) -> str:
+            if use_fft and kernel_size >= FFT_MIN_TAPS and in_channels * out_channels >= FFT_MIN_CHANNEL_PRODUCT:
+                return "fft-f32"
+            return "direct-bf16" if reduced and block >= first_reduced else "direct-f32"
+
+        def network(reduced: bool) -> NetworkForm:
+            convs = tuple(f for block, (c_in, c_out) in enumerate(shapes)
+                          for f in (form(c_in, c_out, block, reduced), form(c_out, c_out, block, reduced)))
+            return NetworkForm(convs, "bf16" if reduced else "f32")
+
+        return PrecisionPlan(self.name, device_type, network(False), network(self.reduced_draws))
+
+
+MODES = {
+    mode.name: mode
+    for mode in (
+        PrecisionMode("exact", "every layer in float32 (TF32 off on GPUs): within float32 rounding of the "
+                               "reference loop", reduced_draws=False),
+        PrecisionMode("fast", "the clean pass as in exact mode; the Monte Carlo draws with the head's first "
+                              "layer and the last blocks' direct convolutions in bfloat16", reduced_draws=True),
+    )
+}
+
+
+def precision_mode(name: str) -> PrecisionMode:
+    """The mode called ``name``, or a ValueError that lists the known ones."""
+    try:
+        return MODES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown precision {name!r}: choose one of {', '.join(MODES)}") from None
