@@ -14,7 +14,7 @@ import torch
 
 
 def _error(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
-    ivar = np.nan_to_num(np.asarray(ivar, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    ivar = np.nan_to_num(np.asarray(ivar))  # in the input's dtype; +inf becomes its largest number
     with np.errstate(all="ignore"):
         error = np.divide(1, ivar) ** 0.5
         if np.isinf(error).all():

@@ -64,7 +64,7 @@ def cmd_infer(args: argparse.Namespace, config) -> int:
 
 def cmd_run(args: argparse.Namespace, config) -> int:
     """The streaming worker: runs until SIGTERM, then drains and exits 0."""
-    from stream_worker.streaming.worker import build_worker
+    from stream_worker.streaming.wiring import build_worker
 
     config = _apply_engine_options(config, args)
     worker, health = build_worker(config)

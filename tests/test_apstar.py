@@ -55,6 +55,17 @@ def test_error_becomes_ivar_with_bad_errors_as_zero():
     assert ivar[5] == pytest.approx(1e-20)
 
 
+def test_ivar_is_computed_in_the_errors_dtype():
+    """apStar errors are float64 (big-endian in the file): their ivar stays float64, as the
+    pipeline's does; a float32 error whose square underflows keeps ivar +inf (a noise-free pixel)."""
+    wide = ivar_from_error(np.array([3.0, 1e-200], dtype=">f8"))
+    assert wide.dtype == np.float64 and wide[0] == 1 / 9.0 and wide[1] == np.inf
+    narrow = ivar_from_error(np.array([3.0, 1e-25], dtype=np.float32))
+    assert narrow.dtype == np.float32 and narrow[0] == np.float32(1) / np.float32(9) and narrow[1] == np.inf
+    (coadd,) = read_apstar(GIANT_FILE)
+    assert coadd.flux.dtype == np.float32 and coadd.ivar.dtype == np.float64
+
+
 def reason(path, which=("coadd",)):
     with pytest.raises(InputError) as info:
         read_apstar_spectra(path, list(which))

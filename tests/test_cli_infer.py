@@ -69,3 +69,24 @@ def test_unreadable_file_is_reported_and_the_rest_processed(tmp_path, weights, c
 
 def test_unknown_output_format(tmp_path, weights):
     assert run("--weights", weights, "--draws", "0", "-o", tmp_path / "r.xlsx") == 2
+
+
+def test_every_format_writes_the_same_records(tmp_path, weights):
+    """One record builder, four serializers: the same rows whichever format (``--format`` or the
+    suffix), with the provenance of the engine's plan, as the stream publishes them."""
+    out = {fmt: tmp_path / f"r.{fmt}" for fmt in ("jsonl", "json", "csv", "fits")}
+    for path in out.values():
+        assert run("--weights", weights, "--draws", "2", "-o", path) == 0
+    assert run("--weights", weights, "--draws", "2", "--format", "json", "-o", tmp_path / "array.txt") == 0
+    lines = [json.loads(line) for line in out["jsonl"].read_text().splitlines()]
+    array = json.loads(out["json"].read_text())
+    assert json.loads((tmp_path / "array.txt").read_text())[0]["teff"] == lines[0]["teff"]
+    with out["csv"].open() as stream:
+        rows = list(csv.DictReader(stream))
+    table = Table.read(out["fits"])
+    assert len(lines) == len(array) == len(rows) == len(table) == 2
+    for i, record in enumerate(lines):
+        assert record["schema_version"] == 2 and record["engine_plan"].startswith("exact/cpu")
+        assert array[i]["teff"] == record["teff"] and float(rows[i]["teff"]) == record["teff"]
+        assert table["teff"][i] == record["teff"] and table["engine_plan"][i] == record["engine_plan"]
+        assert set(rows[i]) == set(record) == set(table.colnames)

@@ -50,6 +50,9 @@ def test_environment_overrides(tmp_path):
         ("telemetry: {}\n", "telemetry: unknown setting"),
         ("kafka:\n  security_protocol: SASL_SSL\n", "kafka.sasl_mechanism: required"),
         ("- just a list\n", "expected a mapping"),
+        ("kafka:\n  result_format: xml\n", "kafka.result_format: must be a format that encodes one record"),
+        ("kafka:\n  result_format: fits\n", "kafka.result_format: must be a format that encodes one record"),
+        ("engine:\n  precision: bf16\n", "engine.precision: must be one of"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path, yaml_text, key):

@@ -52,6 +52,29 @@ def test_engine_matches_the_one_at_a_time_reference(tiny_model, spectra, records
         assert_same_result(record, expected)
 
 
+def test_engine_matches_the_reference_on_infinite_and_float64_ivar(tiny_model, spectra):
+    """The two differences the sdss/astra audit found: ivar = +inf pixels (tiny error, not 5x the
+    median) and float64 ivar (error arithmetic in float64, then float32)."""
+    flux, ivar = spectra
+    infinite = ivar[0].copy()
+    infinite[1000:1100] = np.inf
+    wide = ivar[1].astype(np.float64) * (1 + 1e-9 * np.arange(ivar.shape[1]))
+    estimates = Estimator(tiny_model, num_draws=20, seed=5).estimate(flux[:2], [infinite, wide], ["inf", "wide"])
+    for i, (row, estimate) in enumerate(zip([infinite, wide], estimates)):
+        with torch.no_grad():
+            expected = reference_estimate(tiny_model, flux[i], row, noise_draws(estimate.spectrum_id, 5, 20, flux.shape[1]))
+        assert_same_result(vars(estimate), expected)
+
+
+def test_a_float32_spectrum_gets_the_same_bits_beside_float64_ones(tiny_model, spectra):
+    """Each spectrum's error is computed in its own ivar's dtype, never in a batch's common one."""
+    flux, ivar = spectra
+    engine = Estimator(tiny_model, num_draws=20, seed=5)
+    alone = engine.estimate(flux[:1], ivar[:1], ["s0"])[0]
+    mixed = engine.estimate(flux[:2], [ivar[0], ivar[1].astype(np.float64)], ["s0", "s1"])[0]
+    assert vars(alone) | {"inference_seconds": 0} == vars(mixed) | {"inference_seconds": 0}
+
+
 def test_full_size_network_matches_the_reference():
     from stream_worker.engine.weights import random_model
 
@@ -212,3 +235,56 @@ def test_engine_fft_switch_keeps_the_numbers_and_can_be_turned_off(spectra):
     for a, b in zip(records_of(by_fft, flux, ivar), records_of(direct, flux, ivar)):
         assert_same_result(a, b)
     assert EngineConfig().fft is True
+
+
+def test_the_engine_returns_estimates_not_records(tiny_model, spectra):
+    """The seam: science only (no JSON fields, versions or timestamps); records are built elsewhere."""
+    from stream_worker.core.estimate import Estimate
+
+    flux, ivar = spectra
+    (estimate,) = Estimator(tiny_model, num_draws=4).estimate(flux[:1], ivar[:1], ["e"])
+    assert isinstance(estimate, Estimate)
+    assert not {"worker_version", "processed_at", "model_name", "schema_version"} & set(vars(estimate))
+    assert estimate.e_teff == 1.25 * estimate.raw_e_teff + 10.0 and not estimate.failed
+
+
+def test_records_name_the_precision_plan_they_were_made_under(tiny_model, spectra):
+    """Records are bit-identical only under the same plan, so each says which plan it was."""
+    flux, ivar = spectra
+    exact = records_of(Estimator(tiny_model, num_draws=4), flux[:1], ivar[:1], ["p"])[0]
+    fast = records_of(Estimator(tiny_model, num_draws=4, precision="fast"), flux[:1], ivar[:1], ["p"])[0]
+    direct = records_of(Estimator(tiny_model, num_draws=4, fft=False), flux[:1], ivar[:1], ["p"])[0]
+    assert exact["engine_plan"] == "exact/cpu clean=draws: convs fft-f32x2 head f32"
+    assert fast["engine_plan"] == "fast/cpu clean: convs fft-f32x2 head f32; draws: convs fft-f32x2 head bf16"
+    assert direct["engine_plan"] == "exact/cpu clean=draws: convs direct-f32x2 head f32"
+
+
+def test_unknown_precision_fails_instead_of_running_exact(tiny_model):
+    with pytest.raises(ValueError, match="unknown precision 'bf16': choose one of exact, fast"):
+        Estimator(tiny_model, precision="bf16")
+
+
+def test_exact_mode_turns_tf32_off():
+    """torch leaves cuDNN's TF32 convolutions on by default: on Ampere and Hopper, exact mode
+    would not be float32. Building an engine applies its plan's switches."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        engine = Estimator(small_model(), num_draws=0)
+        assert engine.plan.tf32 is False
+        assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cudnn.allow_tf32 = True  # torch's default
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def test_the_plan_follows_the_device_and_the_network():
+    """FFT only on CPUs and only where measured to pay (30 taps, 4x8 channels and wider); fast
+    mode's bfloat16 only in the draws and only in the last two blocks' direct convolutions."""
+    from stream_worker.engine.precision import MODES
+
+    full = ((4, 8, 16, 32, 64), 30)
+    assert MODES["exact"].plan("cuda", *full).label == "exact/cuda clean=draws: convs direct-f32x8 head f32"
+    assert MODES["fast"].plan("cuda", *full).draws.label() == "convs direct-f32x4,direct-bf16x4 head bf16"
+    assert MODES["fast"].plan("cuda", *full).clean == MODES["exact"].plan("cuda", *full).clean
+    assert MODES["exact"].plan("cpu", (2, 3, 5), 30).clean.convs == ("direct-f32",) * 4
+    assert MODES["exact"].plan("cpu", (2, 8, 8), 30).clean.convs == ("direct-f32", "fft-f32", "fft-f32", "fft-f32")

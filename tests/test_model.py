@@ -161,3 +161,55 @@ def test_no_path_loads_the_demo_model():
     assert not model.training
     with pytest.raises(WeightsError, match="checksum mismatch"):
         load_model(None, sha256="0" * 64)  # a pin applies to the demo model too
+
+
+def test_the_demo_models_card_comes_from_its_metadata():
+    from stream_worker.core.labels import APOGEENET_III
+
+    assert load_model(None, device="cpu").weights_info.card == APOGEENET_III  # its JSON records the same
+    assert small_model().weights_info.card == APOGEENET_III
+
+
+def test_label_order_normalisation_and_calibration_travel_with_the_weights(tmp_path):
+    """A second model brings its own output order, normalisation and calibration in the JSON
+    beside its weights; the engine reads them from there."""
+    import json
+
+    import numpy as np
+
+    from stream_worker.core.labels import APOGEENET_III
+    from stream_worker.engine.estimator import Estimator
+    from tests.helpers import synthetic_spectra
+
+    model = small_model()
+    torch.save(model.state_dict(), tmp_path / "same.pt")
+    torch.save(model.state_dict(), tmp_path / "other.pt")
+    # the same network described with its outputs permuted: the physical values must not change
+    card = {"targets": {"order": ["fe_h", "logg", "log10_teff"],
+                        "normalisation": {"logg": [3.2, 1.2], "log10_teff": [3.7, 0.1], "fe_h": [-0.2, 0.3]}},
+            "calibration": {"teff": [2.0, 0.0], "logg": [1.25, 0.01], "fe_h": [1.0, 0.01]}}
+    (tmp_path / "other.json").write_text(json.dumps(card))
+    other = load_model(tmp_path / "other.pt")
+    assert other.weights_info.card.outputs == ("fe_h", "logg", "log10_teff")
+    assert load_model(tmp_path / "same.pt").weights_info.card == APOGEENET_III
+    flux, ivar = synthetic_spectra(1)
+    same_estimate = Estimator(load_model(tmp_path / "same.pt"), num_draws=4).estimate(flux, ivar, ["x"])[0]
+    other_estimate = Estimator(other, num_draws=4).estimate(flux, ivar, ["x"])[0]
+    assert other_estimate.e_teff == 2.0 * other_estimate.raw_e_teff
+    # outputs re-labelled: column 0 is now read as [Fe/H], so the values move, by the card's rule
+    assert other_estimate.fe_h == pytest.approx(same_estimate.logg * 0.3 / 1.2 + (-0.2 - 3.2 * 0.3 / 1.2), rel=1e-5)
+    assert np.isfinite(other_estimate.teff)
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ('{"sha256": "' + "0" * 64 + '"}', "describes other weights"),
+    ('{"targets": {"order": ["logg", "teff", "fe_h"]}}', "targets.order: expected a permutation"),
+    ('{"calibration": {"teff": [1.25]}}', "calibration: expected entries for"),
+    ('{"targets": {"normalisation": {"logg": [3.2, 0], "log10_teff": [3.7, 0.1], "fe_h": [-0.2, 0.3]}}}', "scale of 0"),
+    ("not json", "cannot read the model metadata"),
+])
+def test_bad_model_metadata_is_refused_with_the_field_named(tmp_path, metadata, message):
+    torch.save(small_model().state_dict(), tmp_path / "w.pt")
+    (tmp_path / "w.json").write_text(metadata)
+    with pytest.raises(WeightsError, match=message):
+        load_model(tmp_path / "w.pt")

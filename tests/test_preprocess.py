@@ -23,13 +23,38 @@ def test_error_is_inverse_sqrt_ivar():
     assert np.allclose(error_from_ivar(flux, ivar), 0.5)
 
 
-@pytest.mark.parametrize("bad", [0.0, np.nan, np.inf, -np.inf, -3.0])
+@pytest.mark.parametrize("bad", [0.0, np.nan, -np.inf, -3.0])
 def test_uninformative_pixels_get_five_times_the_median_error(bad):
     flux, ivar = spectrum(ivar_value=4.0)
     ivar[:10] = bad
     error = error_from_ivar(flux, ivar)
     assert np.all(error[:10] == np.float32(2.5))
     assert np.all(error[10:] == np.float32(0.5))
+
+
+def test_infinite_ivar_gives_the_pipelines_tiny_error():
+    """As sdss/astra: nan_to_num turns ivar=+inf into float32's largest number, so the error is
+    (1/3.4e38)**0.5 = 5.4e-20, the pixel counts in the median and its noise adds nothing."""
+    flux, ivar = spectrum(ivar_value=4.0)
+    ivar[:10] = np.inf
+    error = error_from_ivar(flux, ivar)
+    assert np.all(error[:10] == np.float32(1 / np.finfo(np.float32).max) ** np.float32(0.5))
+    assert 0 < error[0] < 1e-19
+    assert np.all(error[10:] == np.float32(0.5))
+
+
+def test_error_arithmetic_follows_the_ivar_dtype():
+    """The pipeline computes the error in the input's dtype and casts to float32 at the end: a
+    float64 ivar of +inf gives (1/1.8e308)**0.5 = 7.5e-155, which is 0 in float32; an ordinary
+    float64 ivar gives the correctly rounded float32 of its float64 error."""
+    flux, ivar32 = spectrum(ivar_value=4.0)
+    ivar = ivar32.astype(np.float64)
+    ivar[:3] = [np.inf, 3.0, 7.0]
+    error = error_from_ivar(flux, ivar)
+    assert error.dtype == np.float32 and error[0] == 0
+    assert error[1] == np.float32(3.0 ** -0.5) and error[2] == np.float32(7.0 ** -0.5)
+    as_float32 = error_from_ivar(flux, ivar.astype(np.float32))
+    assert as_float32[0] > 0  # the same values in float32 do differ
 
 
 def test_large_errors_are_clipped_at_five_times_the_median():

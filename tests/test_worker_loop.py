@@ -107,8 +107,7 @@ def messages(n: int) -> list:
 
 
 def one_batch(worker: Worker) -> None:
-    worker._collect()
-    worker._process()
+    worker.handle(worker.collect())
 
 
 def test_a_short_batch_is_published_as_soon_as_it_ends_and_a_long_one_still_polls(monkeypatch):
@@ -175,3 +174,21 @@ def test_the_engine_thread_hands_failures_back_and_keeps_serving():
     with pytest.raises(ZeroDivisionError):
         engine.submit(operator.truediv, 1, 0).result()
     assert engine.submit(operator.add, 1, 2).result() == 3
+
+
+def test_the_checkpoint_reconciles_offsets_after_a_rebalance():
+    """Lost partitions' uncommitted offsets are forgotten (their new owner redoes the work); each
+    kept partition resumes just past the last message still held, in the batch or collected."""
+    from stream_worker.streaming.checkpoint import Checkpoint
+
+    kept, lost, fresh = TopicPartition("in", 0), TopicPartition("in", 1), TopicPartition("in", 2)
+    seeks = []
+    consumer = type("Seeking", (), {"seek": lambda self, tp, offset: seeks.append((tp, offset))})()
+    checkpoint = Checkpoint(consumer, FakeProducer(), exactly_once=False)
+    for partition, offset in ((0, 10), (0, 11), (1, 5)):
+        checkpoint.consumed(consumed(b"x", offset=offset, topic="in", partition=partition))
+    held = [consumed(b"x", offset=12, topic="in", partition=0), consumed(b"x", offset=3, topic="in", partition=2)]
+    checkpoint.reconcile({kept, fresh}, held)
+    assert sorted(seeks) == [(kept, 13), (fresh, 4)]
+    assert checkpoint.next_offsets == {kept: 12} and len(checkpoint) == 2
+    assert lost not in checkpoint.first_offsets

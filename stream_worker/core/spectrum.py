@@ -54,17 +54,28 @@ class Spectrum:
         }
 
 
+def _float_dtype(values: np.ndarray) -> np.dtype:
+    """float64 stays float64 (the pipeline computes ivar and error in the input's dtype), anything
+    else becomes float32."""
+    wide = values.dtype.kind == "f" and values.dtype.itemsize == 8  # any byte order (FITS is big-endian)
+    return np.dtype(np.float64) if wide else np.dtype(np.float32)
+
+
 def ivar_from_error(error: np.ndarray) -> np.ndarray:
-    """``error**-2`` with every non-finite or non-positive error mapped to ivar 0 (no information)."""
-    error = np.asarray(error, dtype=np.float64)
+    """``error**-2`` in the error's dtype, with every non-finite or non-positive error mapped to
+    ivar 0 (no information). An error so small that its ivar overflows keeps ivar +inf, which
+    the engine, like the pipeline, treats as a (nearly) noise-free pixel."""
+    error = np.asarray(error)
+    error = error.astype(_float_dtype(error), copy=False)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        ivar = 1.0 / (error * error)
-    ivar[~np.isfinite(ivar) | ~(error > 0)] = 0.0
-    return ivar.astype(np.float32)
+        ivar = error.dtype.type(1) / (error * error)
+    ivar[~np.isfinite(error) | ~(error > 0)] = 0
+    return ivar
 
 
 def validate_spectrum(spectrum: Spectrum, n_pixels: int = N_PIXELS) -> Spectrum:
-    """Rejects what would give silently wrong numbers; returns the spectrum with float32 arrays."""
+    """Rejects what would give silently wrong numbers; returns the spectrum with float32 flux and
+    its ivar in float64 if it came so, else float32 (the error is computed in that dtype)."""
     if not spectrum.spectrum_id or not isinstance(spectrum.spectrum_id, str):
         raise InputError("invalid_field", f"spectrum_id must be a non-empty string, got {spectrum.spectrum_id!r}")
     if spectrum.kind not in SPECTRUM_KINDS:
@@ -78,7 +89,7 @@ def validate_spectrum(spectrum: Spectrum, n_pixels: int = N_PIXELS) -> Spectrum:
             raise InputError(
                 "wrong_shape", f"{name} must have shape ({n_pixels},) on the apStar grid, got {values.shape}"
             )
-        arrays[name] = values.astype(np.float32)
+        arrays[name] = values.astype(np.float32 if name == "flux" else _float_dtype(values), copy=False)
     if not np.isfinite(arrays["flux"]).any():
         raise InputError("all_nan_flux", "flux has no finite pixel")
     spectrum.flux, spectrum.ivar = arrays["flux"], arrays["ivar"]

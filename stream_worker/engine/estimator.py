@@ -113,13 +113,19 @@ class Estimator:
             fft=engine.fft,
         )
 
-    def estimate(self, flux: np.ndarray, ivar: np.ndarray, ids: Sequence[str] | None = None) -> list[Estimate]:
-        """Estimates for ``N`` spectra. ``ids`` seed each spectrum's noise; without them the row
-        index is the identifier, so pass real identifiers wherever results must be reproducible."""
+    def estimate(self, flux: np.ndarray, ivar: np.ndarray | Sequence[np.ndarray],
+                 ids: Sequence[str] | None = None) -> list[Estimate]:
+        """Estimates for ``N`` spectra: ``flux`` ``(N, L)``; ``ivar`` ``(N, L)`` or ``N`` rows of
+        ``L`` (each row's error is computed in its own dtype, as the pipeline does, so a float32
+        spectrum gets the same bits beside float64 ones). ``ids`` seed each spectrum's noise;
+        without them the row index is the identifier, so pass real identifiers wherever results
+        must be reproducible."""
         flux = np.asarray(flux)
-        ivar = np.asarray(ivar)
-        if flux.ndim != 2 or flux.shape != ivar.shape:
-            raise ValueError(f"flux and ivar must both be (N, L) arrays, got {flux.shape} and {ivar.shape}")
+        ivar = list(ivar) if not isinstance(ivar, np.ndarray) else ivar
+        shapes = {np.shape(row) for row in ivar}
+        if flux.ndim != 2 or len(ivar) != len(flux) or shapes - {flux.shape[1:]}:
+            raise ValueError(f"flux and ivar must both be (N, L) arrays, got {flux.shape} and "
+                             f"{np.shape(ivar) if isinstance(ivar, np.ndarray) else f'{len(ivar)} rows of {sorted(shapes)}'}")
         ids = [str(i) for i in range(len(flux))] if ids is None else [str(i) for i in ids]
         if len(ids) != len(flux):
             raise ValueError(f"{len(ids)} ids for {len(flux)} spectra")
@@ -153,7 +159,7 @@ class Estimator:
             noise = None
             if self.num_draws:
                 noise = torch.stack([noise_draws(ids[i], self.seed, self.num_draws, flux.shape[-1]) for i in indices])
-            clean, noisy = network_inputs(flux[indices], ivar[indices], noise)
+            clean, noisy = network_inputs(flux[indices], [ivar[i] for i in indices], noise)
             return list(clean.unsqueeze(1)) if noisy is None else list(torch.cat([clean.unsqueeze(1), noisy], dim=1))
 
         indices = list(range(len(ids)))

@@ -1,7 +1,7 @@
 """Turns (flux, ivar) into the network's input, exactly as the APOGEENet III pipeline does.
 
-Pure functions. Arithmetic stays in float32 like the pipeline's, so the same spectrum gives the
-same input bits here and there.
+Pure functions. Arithmetic follows the pipeline's dtypes (the error in the ivar's own dtype, then
+float32 from there on), so the same spectrum gives the same input bits here and there.
 """
 
 from __future__ import annotations
@@ -27,23 +27,30 @@ def clean_flux(flux: np.ndarray) -> np.ndarray:
 
 
 def error_from_ivar(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
-    """Per-pixel 1-sigma error from inverse variance, for one spectrum.
+    """Per-pixel 1-sigma error from inverse variance, for one spectrum, as the SDSS pipeline
+    computes it: ``(1 / nan_to_num(ivar)) ** 0.5`` in the ivar's own dtype, cast to float32 last.
 
-    Pixels without information (ivar 0, negative, NaN or infinite) get 5x the median error of
-    the informative pixels; every error is clipped at that value. A spectrum with no informative
-    pixel gets ``0.1 * median(flux)`` everywhere. (The reference document puts ivar=inf in the
-    no-information group; the SDSS code would give it a tiny error instead.)
+    ivar 0, NaN and negative values give an infinite error, which ends at 5x the median of the
+    finite errors; every error is clipped at that value. ivar = +inf becomes the dtype's largest
+    number, so its error is tiny (5e-20 in float32; 0 once a float64 one is cast) and it counts
+    in the median. A spectrum whose every error is infinite gets ``0.1 * median(flux)``. (One
+    deliberate difference: the pipeline gives negative ivar a NaN error, which also ends at 5x the
+    median, except in a spectrum without any positive ivar, where it makes every number NaN.)
     """
-    ivar = np.asarray(ivar, dtype=np.float32)
-    ivar = np.where(np.isfinite(ivar) & (ivar > 0), ivar, np.float32(0))
+    ivar = np.asarray(ivar)
+    if ivar.dtype not in (np.float32, np.float64):
+        ivar = ivar.astype(np.float32)
+    one = ivar.dtype.type(1)
+    informative = np.nan_to_num(ivar)
+    informative[informative < 0] = 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        error = np.divide(np.float32(1), ivar) ** np.float32(0.5)
-    if np.isinf(error).all():
-        error = np.full_like(error, 0.1 * float(np.median(clean_flux(flux))))
-    finite = error[~np.isinf(error)]
-    limit = np.float32(ERROR_CLIP_FACTOR) * np.nanmedian(finite) if finite.size else np.float32(np.nan)
-    error = np.clip(error, None, limit)
-    return np.where(np.isnan(error), limit, error).astype(np.float32)
+        error = np.divide(one, informative) ** ivar.dtype.type(0.5)
+        if np.isinf(error).all():
+            error = np.full_like(error, 0.1 * float(np.median(clean_flux(flux))))
+        finite = error[~np.isinf(error)]
+        limit = ivar.dtype.type(ERROR_CLIP_FACTOR) * np.nanmedian(finite) if finite.size else ivar.dtype.type(np.nan)
+        error = np.clip(error, None, limit)
+        return np.where(np.isnan(error), limit, error).astype(np.float32)
 
 
 def log_scale(flux: torch.Tensor, dims: int = 1) -> torch.Tensor:
@@ -75,18 +82,20 @@ def network_inputs(
     """Clean and noisy network inputs, for one spectrum or a stack of them.
 
     One spectrum: ``flux``/``ivar`` ``(L,)``, ``noise`` ``(D, L)`` → clean ``(1, 1, L)``, noisy
-    ``(D, 1, L)``. A stack: ``(N, L)`` and ``(N, D, L)`` → ``(N, 1, L)`` and ``(N, D, 1, L)``.
+    ``(D, 1, L)``. A stack: ``(N, L)`` flux, ``N`` ivar rows (an array or a sequence, each row in
+    its own dtype) and ``(N, D, L)`` noise → ``(N, 1, L)`` and ``(N, D, 1, L)``.
     Noisy inputs are ``flux + error * noise`` in linear flux, log scaled together per spectrum.
     A stack goes through each elementwise operation in one call, which matters: per-call costs
     of small tensor operations dominate otherwise.
     """
     single = np.ndim(flux) == 1
     flux2 = np.atleast_2d(flux)
+    ivar_rows = [ivar] if single else ivar  # never stacked: each spectrum's ivar keeps its own dtype
     flux32 = torch.from_numpy(clean_flux(flux2))
     clean = log_scale(flux32).unsqueeze(1)
     noisy = None
     if noise is not None and noise.shape[-2] > 0:
-        error = torch.from_numpy(np.stack([error_from_ivar(f, v) for f, v in zip(flux2, np.atleast_2d(ivar))]))
+        error = torch.from_numpy(np.stack([error_from_ivar(f, v) for f, v in zip(flux2, ivar_rows)]))
         draws = noise.reshape(len(flux2), -1, flux2.shape[-1])
         noisy = log_scale(flux32[:, None, :] + error[:, None, :] * draws, dims=2).unsqueeze(2)
     if single:

@@ -116,7 +116,7 @@ class Pipeline:
             started = time.perf_counter()
             estimates = self.estimator.estimate(
                 np.stack([s.flux for _, _, s in accepted]),
-                np.stack([s.ivar for _, _, s in accepted]),
+                [s.ivar for _, _, s in accepted],  # not stacked: each keeps its dtype
                 [s.spectrum_id for _, _, s in accepted],
             )
             result.inference_seconds = time.perf_counter() - started

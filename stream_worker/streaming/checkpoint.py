@@ -8,8 +8,9 @@
    transaction, together with the published messages (exactly-once).
 
 At-least-once and exactly-once differ in one ``if``, here. Nothing else in the worker touches
-offsets; a failure leaves the offsets uncommitted and ``rewind()`` puts the consumer back on
-the first unprocessed message, so the batch is processed again rather than lost.
+offsets: a failure leaves them uncommitted and ``rewind()`` puts the consumer back on the first
+unprocessed message, so the batch is processed again rather than lost; after a rebalance
+``reconcile()`` drops lost partitions and restores the positions of kept ones.
 """
 
 from __future__ import annotations
@@ -74,10 +75,19 @@ class Checkpoint:
         log.debug("committed %s", {f"{tp.topic}[{tp.partition}]": o for tp, o in self.next_offsets.items()})
         self._clear()
 
-    def keep_only(self, partitions) -> None:
-        """Forgets consumed offsets of partitions no longer assigned (after a rebalance)."""
-        for tp in [tp for tp in self.next_offsets if tp not in partitions]:
+    def reconcile(self, owned, held: list) -> None:
+        """After a rebalance: forgets the uncommitted offsets of partitions no longer ``owned``
+        (their new owner redoes that work) and puts the consumer of every kept partition just
+        past the last message this worker still ``held`` (in the batch or collected for the next),
+        since a rebalance resets fetch positions to the last commit."""
+        for tp in [tp for tp in self.next_offsets if tp not in owned]:
             del self.next_offsets[tp], self.first_offsets[tp]
+        positions = dict(self.next_offsets)
+        for message in held:
+            tp = TopicPartition(message.topic, message.partition)
+            positions[tp] = max(positions.get(tp, 0), message.offset + 1)
+        for tp, offset in positions.items():
+            self.consumer.seek(tp, offset)
 
     def rewind(self) -> None:
         """Gives up the uncommitted batch: aborts the transaction (exactly-once) and seeks back,

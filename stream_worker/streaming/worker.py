@@ -1,4 +1,6 @@
-"""The streaming worker: consume → (decode → validate → infer → build records) → publish → commit.
+"""The streaming worker's loop, a short explicit lifecycle per batch: :meth:`Worker.collect` →
+:meth:`Worker.process` (decode → validate → infer → build records, on the engine thread) →
+:meth:`Worker.publish` → :meth:`Worker.commit`.
 
 The main thread owns the Kafka consumer. It collects a micro-batch (``batching.max_spectra``
 messages, or whatever arrived within ``batching.max_wait_seconds`` of the first), hands it to
@@ -7,9 +9,10 @@ during a rebalance) with every partition *paused*: no more data is fetched (back
 the member stays in its group however slow the batch (a slow batch cannot make the group
 thrash), rebalances are served, and SIGTERM is seen.
 Results and dead letters are then published and the offsets committed by the
-:class:`~stream_worker.streaming.checkpoint.Checkpoint`. When a rebalance takes partitions away, the
-uncommitted work of those partitions is dropped — neither published nor committed here — and
-their new owner processes it from the last commit, so nothing is committed that was not published.
+:class:`~stream_worker.streaming.checkpoint.Checkpoint`, which makes every offset decision. When
+a rebalance takes partitions away, the uncommitted work of those partitions is dropped, at any
+stage — neither published nor committed here — and their new owner processes it from the last
+commit, so nothing is committed that was not published.
 """
 
 from __future__ import annotations
@@ -26,11 +29,10 @@ from kafka import ConsumerRebalanceListener
 from kafka.errors import ProducerFencedError
 from kafka.structs import TopicPartition
 
-from stream_worker.streaming.checkpoint import Checkpoint
 from stream_worker.config import Config
-from stream_worker.streaming.metrics import HealthServer, Metrics
 from stream_worker.streaming.batch import BatchResult, Pipeline
-from stream_worker.io.files import FileReader
+from stream_worker.streaming.checkpoint import Checkpoint
+from stream_worker.streaming.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,8 @@ class Worker:
             self.stopping.set()
 
     def run(self) -> int:
+        """Subscribes, then runs the lifecycle batch after batch until SIGTERM: :meth:`collect` →
+        :meth:`process` → :meth:`publish` → :meth:`commit`."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
@@ -133,9 +137,9 @@ class Worker:
         exit_code = 0
         try:
             while not self.stopping.is_set():
-                self._collect()
-                if self.pending:
-                    self._process()
+                messages = self.collect()
+                if messages:  # also after a stop request: the batch in hand is drained
+                    self.handle(messages)
                 self._refresh_lag()
         except ProducerFencedError:
             log.error("another worker took over this transactional id; exiting")
@@ -144,17 +148,45 @@ class Worker:
             self._close()
         return exit_code
 
+    def handle(self, messages: list) -> None:
+        """One batch through process → publish → commit. A failure in publish or commit leaves
+        the offsets uncommitted and rewinds, so the batch is processed again, never lost."""
+        started = time.monotonic()
+        result = self.process(messages)
+        if result is None:
+            return
+        result = result.only_from(self.consumer.assignment())
+        stage = "publish"
+        try:
+            self.publish(result)
+            stage = "commit"
+            self.commit()
+        except ProducerFencedError:
+            raise
+        except Exception as exc:
+            log.error("%s failed (%s: %s); the batch stays uncommitted and will be processed again",
+                      stage, type(exc).__name__, exc)
+            self.metrics.batch_failures.labels(stage=stage).inc()
+            self.checkpoint.rewind()
+            time.sleep(RETRY_BACKOFF_SECONDS)
+            return
+        self._count(result)
+        elapsed = time.monotonic() - started
+        self.metrics.batch_seconds.observe(elapsed)
+        if elapsed > 0.5 * self.config.kafka.max_poll_interval_ms / 1000:
+            log.warning("batch took %.1f s, over half of kafka.max_poll_interval_ms", elapsed)
+
     def _close(self) -> None:
         self.metrics.ready.set_function(lambda: 0)
         self.consumer.close(autocommit=False)
         self.producer.close(timeout=10)
         log.info("stopped")
 
-    # ------------------------------------------------------------------ consume
+    # ------------------------------------------------------------------ collect
 
     def _poll(self, timeout_ms: int, max_records: int | None = None) -> None:
         """The one place records arrive: they join ``pending``; a rebalance is reconciled after
-        they are, so the positions it restores account for them."""
+        they are, so the positions the checkpoint restores account for them."""
         polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         for messages in polled.values():
             for message in messages:
@@ -164,8 +196,9 @@ class Worker:
             self._after_rebalance()
         self.metrics.in_flight.set(len(self.checkpoint) + len(self.pending))
 
-    def _collect(self) -> None:
-        """Polls until the batch is full, or ``max_wait_seconds`` after its first message."""
+    def collect(self) -> list:
+        """Polls until the batch is full, or ``max_wait_seconds`` after its first message, or a
+        stop is requested; returns the batch (possibly empty)."""
         batching = self.config.batching
         deadline = None
         while not self.stopping.is_set() and len(self.pending) < batching.max_spectra:
@@ -176,14 +209,17 @@ class Worker:
             if self.pending and deadline is None:
                 deadline = time.monotonic() + batching.max_wait_seconds
             if deadline is not None and time.monotonic() >= deadline:
-                return
+                break
             if not self.pending:
                 self._refresh_lag()
+        messages, self.pending = self.pending, []
+        return messages
 
     # ------------------------------------------------------------------ process
 
-    def _process(self) -> None:
-        """Runs the batch on the engine thread while polling with every partition paused.
+    def process(self, messages: list) -> BatchResult | None:
+        """Runs the batch on the engine thread while polling with every partition paused;
+        ``None`` if the batch was abandoned (grace period over) or the engine failed on it.
 
         Polls are spaced ``BUSY_POLL_INTERVAL_S`` apart, except during a rebalance: from the
         revocation to the new assignment they follow back to back, and go on past the end of the
@@ -191,8 +227,6 @@ class Worker:
         (the member then believes it joined but never takes its assignment and stops its
         heartbeats), so a join in flight must never be left between polls, and polls are never
         shorter than ``worker.poll_timeout_ms``: a join answered as a poll times out is lost too."""
-        started = time.monotonic()
-        messages, self.pending = self.pending, []
         for message in messages:  # from here on these offsets are the batch's to commit
             self.checkpoint.consumed(message)
         self.metrics.batch_size.observe(len(messages))
@@ -205,7 +239,7 @@ class Worker:
                 if self.stop_deadline is not None and time.monotonic() > self.stop_deadline:
                     log.warning("grace period over with a batch of %d in the engine: abandoning it uncommitted "
                                 "(it will be redelivered)", len(messages))
-                    return
+                    return None
                 if self.rebalancing:
                     if batch.done():  # bounded: by then the group has evicted a member stuck in a lost join
                         rebalance_deadline = rebalance_deadline or \
@@ -223,36 +257,25 @@ class Worker:
             self.busy = False
             self.consumer.resume(*self.consumer.assignment())
         try:
-            result = batch.result()
+            return batch.result()
         except Exception:
             log.exception("engine failed on a whole batch; it will be consumed again")
             self.metrics.batch_failures.labels(stage="engine").inc()
             self.checkpoint.rewind()
             time.sleep(RETRY_BACKOFF_SECONDS)
-            return
-        self._publish_and_commit(result.only_from(self.consumer.assignment()))
-        elapsed = time.monotonic() - started
-        self.metrics.batch_seconds.observe(elapsed)
-        if elapsed > 0.5 * self.config.kafka.max_poll_interval_ms / 1000:
-            log.warning("batch took %.1f s, over half of kafka.max_poll_interval_ms", elapsed)
+            return None
 
-    def _publish_and_commit(self, result: BatchResult) -> None:
-        stage = "publish"
-        try:
-            for message in result.outgoing:
-                self.checkpoint.publish(message.topic, message.key, message.value, message.headers)
-            stage = "commit"
-            self.checkpoint.commit()
-        except ProducerFencedError:
-            raise
-        except Exception as exc:
-            log.error("%s failed (%s: %s); the batch stays uncommitted and will be processed again",
-                      stage, type(exc).__name__, exc)
-            self.metrics.batch_failures.labels(stage=stage).inc()
-            self.checkpoint.rewind()
-            time.sleep(RETRY_BACKOFF_SECONDS)
-            return
-        self._count(result)
+    # ------------------------------------------------------------------ publish, commit
+
+    def publish(self, result: BatchResult) -> None:
+        """Hands every result and dead letter of the batch to the producer (not yet acknowledged)."""
+        for message in result.outgoing:
+            self.checkpoint.publish(message.topic, message.key, message.value, message.headers)
+
+    def commit(self) -> None:
+        """Waits for every message to be acknowledged, then commits the batch's offsets
+        (the checkpoint's numbered sequence)."""
+        self.checkpoint.commit()
 
     def _count(self, result: BatchResult) -> None:
         now = time.time()
@@ -287,17 +310,11 @@ class Worker:
     def _after_rebalance(self) -> None:
         """Abandons the uncommitted work of partitions this worker lost (their new owner redoes
         it, and nothing of it is published or committed here) and keeps going where it was on
-        the partitions it kept."""
+        the partitions it kept: the checkpoint decides the offsets."""
         self.rebalanced.clear()
         owned = self.consumer.assignment()
         self.pending = [m for m in self.pending if TopicPartition(m.topic, m.partition) in owned]
-        self.checkpoint.keep_only(owned)
-        positions = dict(self.checkpoint.next_offsets)
-        for message in self.pending:
-            tp = TopicPartition(message.topic, message.partition)
-            positions[tp] = max(positions.get(tp, 0), message.offset + 1)
-        for tp, offset in positions.items():
-            self.consumer.seek(tp, offset)
+        self.checkpoint.reconcile(owned, self.pending)
         if self.busy:  # newly assigned partitions wait for the batch in the engine too
             self.consumer.pause(*owned)
         for metric in self.metrics.consumer_lag.collect():
@@ -323,37 +340,3 @@ class Worker:
                         max(0, ends[tp] - position))
         except Exception as exc:
             log.warning("cannot read partition end offsets for the lag: %s: %s", type(exc).__name__, exc)
-
-
-def build_worker(config: Config) -> tuple[Worker, HealthServer | None]:
-    """Everything ``stream-worker run`` needs, wired from the config (the I/O edges live here).
-
-    The health endpoints come up first: while the model loads and the Kafka clients connect
-    (which, with wrong credentials or an absent broker, can take forever), /healthz answers and
-    /readyz says what the worker is waiting for."""
-    from stream_worker.engine.estimator import Estimator
-    from stream_worker.io.serializers import serializer
-    from stream_worker.streaming.kafka_clients import BrokerProbe, make_consumer, make_producer
-
-    metrics = Metrics()
-    waiting_for = ["loading the model"]
-    started: list[Worker] = []
-
-    def ready() -> tuple[bool, str]:
-        return started[0].ready() if started else (False, waiting_for[0])
-
-    health = None
-    if config.metrics.enabled:
-        health = HealthServer(metrics, ready, config.metrics.host, config.metrics.port).start()
-    engine = EngineThread()
-    estimator = engine.submit(Estimator.from_config, config.engine).result()
-    metrics.set_model(estimator.provenance, str(estimator.device), estimator.num_draws)
-    pipeline = Pipeline(
-        estimator, FileReader(config.inputs.data_roots), config.kafka.output_topic, config.kafka.dead_letter_topic,
-        config.inputs.max_message_bytes, serializer(config.kafka.result_format),
-    )
-    waiting_for[0] = "connecting to Kafka"
-    worker = Worker(config, pipeline, make_consumer(config), make_producer(config), metrics,
-                    BrokerProbe(config.kafka.bootstrap_servers).reachable, engine)
-    started.append(worker)
-    return worker, health

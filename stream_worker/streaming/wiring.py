@@ -1,0 +1,43 @@
+"""``stream-worker run``'s wiring: the I/O edges (engine, Kafka clients, health server) built from
+the config and handed to the :class:`~stream_worker.streaming.worker.Worker`."""
+
+from __future__ import annotations
+
+from stream_worker.config import Config
+from stream_worker.engine.estimator import Estimator
+from stream_worker.io.files import FileReader
+from stream_worker.io.serializers import serializer
+from stream_worker.streaming.batch import Pipeline
+from stream_worker.streaming.kafka_clients import BrokerProbe, make_consumer, make_producer
+from stream_worker.streaming.metrics import HealthServer, Metrics
+from stream_worker.streaming.worker import EngineThread, Worker
+
+
+def build_worker(config: Config) -> tuple[Worker, HealthServer | None]:
+    """Everything ``stream-worker run`` needs, wired from the config (the I/O edges live here).
+
+    The health endpoints come up first: while the model loads and the Kafka clients connect
+    (which, with wrong credentials or an absent broker, can take forever), /healthz answers and
+    /readyz says what the worker is waiting for."""
+    metrics = Metrics()
+    waiting_for = ["loading the model"]
+    started: list[Worker] = []
+
+    def ready() -> tuple[bool, str]:
+        return started[0].ready() if started else (False, waiting_for[0])
+
+    health = None
+    if config.metrics.enabled:
+        health = HealthServer(metrics, ready, config.metrics.host, config.metrics.port).start()
+    engine = EngineThread()
+    estimator = engine.submit(Estimator.from_config, config.engine).result()
+    metrics.set_model(estimator.provenance, str(estimator.device), estimator.num_draws)
+    pipeline = Pipeline(
+        estimator, FileReader(config.inputs.data_roots), config.kafka.output_topic, config.kafka.dead_letter_topic,
+        config.inputs.max_message_bytes, serializer(config.kafka.result_format),
+    )
+    waiting_for[0] = "connecting to Kafka"
+    worker = Worker(config, pipeline, make_consumer(config), make_producer(config), metrics,
+                    BrokerProbe(config.kafka.bootstrap_servers).reachable, engine)
+    started.append(worker)
+    return worker, health
