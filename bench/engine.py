@@ -14,13 +14,13 @@ import time
 import numpy as np
 import torch
 
-from stream_worker.core.labels import APOGEENET_III
-from stream_worker.io.apstar import read_apstar
-from stream_worker.engine.estimator import Estimator
-from stream_worker.engine.weights import load_model, random_model
-from stream_worker.engine.preprocess import noise_draws
-from devtools.sdss_reference import reference_estimate
 from devtools.samples import DWARF_FILE, GIANT_FILE
+from devtools.sdss_reference import reference_estimate
+from stream_worker.core.labels import APOGEENET_III
+from stream_worker.engine.estimator import Estimator
+from stream_worker.engine.preprocess import noise_draws
+from stream_worker.engine.weights import load_model, random_model
+from stream_worker.io.apstar import read_apstar
 
 OUTPUTS = ("teff", "logg", "fe_h", "raw_e_teff", "raw_e_logg", "raw_e_fe_h", "e_teff", "e_logg", "e_fe_h")
 

@@ -18,15 +18,15 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from bench.engine import real_spectra
 from devtools.kafka_broker import LocalKafka
+from devtools.samples import consumed
 from devtools.worker_process import WorkerProcess
+from stream_worker.core.spectrum import Spectrum
 from stream_worker.engine.estimator import Estimator
-from stream_worker.io.wire import encode_inline
 from stream_worker.engine.network import ApogeeNet
 from stream_worker.engine.weights import load_model, random_model
 from stream_worker.io.files import FileReader
+from stream_worker.io.wire import encode_inline
 from stream_worker.streaming.batch import Pipeline
-from stream_worker.core.spectrum import Spectrum
-from devtools.samples import consumed
 
 REPO = Path(__file__).resolve().parent.parent
 TRIVIAL_SIZES = dict(channels=(1, 1), kernel_size=2, pooled_length=1, linear_width=1, linear_layers=0)

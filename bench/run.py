@@ -147,7 +147,7 @@ def report(described, rounds, exact_vs_baseline, costs, e2e, profiles) -> str:
         "",
         "Inputs: the six real DR17 spectra in `tests/data` (coadds and visits), repeated under distinct ids.",
         "(a) is a faithful one-spectrum-at-a-time port of the SDSS loop (batch-1 clean pass, batch-20 noisy",
-        "pass, autograd on: `stream_worker/reference.py`); (b) and (c) are `Estimator` in this project.",
+        "pass, autograd on: `devtools/sdss_reference.py`); (b) and (c) are `Estimator` in this project.",
         f"Each row is measured {len(rounds)} times, the three phases back to back in each round (each in a "
         "process of its own); the table gives the median, the range, and the median of each round's ratio to "
         "that round's baseline.",

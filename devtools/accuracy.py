@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stream_worker.engine.estimator import Estimator
-from stream_worker.core.grid import N_PIXELS
-from stream_worker.engine.weights import load_model
 from devtools.samples import DATA
 from devtools.synthetic import EMULATOR_PIXELS, SpectrumGenerator
+from stream_worker.core.grid import N_PIXELS
+from stream_worker.engine.estimator import Estimator
+from stream_worker.engine.weights import load_model
 
 log = logging.getLogger(__name__)
 

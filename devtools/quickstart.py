@@ -18,12 +18,12 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
 
-from stream_worker.io.apstar import read_apstar
-from stream_worker.io.wire import CONTENT_TYPE, encode_inline, encode_reference
 from devtools.kafka_broker import LocalKafka
 from devtools.worker_process import WorkerProcess
+from stream_worker.io.apstar import read_apstar
+from stream_worker.io.wire import CONTENT_TYPE, encode_inline, encode_reference
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FILES = sorted((REPO / "tests" / "data").glob("apStar-*.fits"))
 TOPICS = {"input": "apogee.spectra", "output": "apogee.results", "dead_letter": "apogee.deadletter"}
 

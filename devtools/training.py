@@ -1,6 +1,6 @@
-"""Training a (small) APOGEENet on realistic synthetic spectra: ``stream-worker train``.
+"""Training a (small) APOGEENet on realistic synthetic spectra: ``python -m devtools.training``.
 
-The network is the production class (:class:`~stream_worker.engine.weights.ApogeeNet`) at smaller sizes,
+The network is the production class (:class:`~stream_worker.engine.network.ApogeeNet`) at smaller sizes,
 fed exactly what inference feeds it (:func:`stream_worker.engine.preprocess.network_inputs`), with
 targets normalised by the model card inference reads (:mod:`stream_worker.core.labels`), so a
 trained checkpoint is a drop-in ``engine.weights`` file.
@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from stream_worker import __version__
-from stream_worker.engine.network import ApogeeNet, ModelSizes
-from stream_worker.engine.weights import load_model
-from stream_worker.engine.preprocess import network_inputs
 from devtools.synthetic import LABEL_NAMES, SpectrumGenerator
+from stream_worker import __version__
 from stream_worker.core.labels import APOGEENET_III, ModelCard
+from stream_worker.engine.network import ApogeeNet, ModelSizes
+from stream_worker.engine.preprocess import network_inputs
+from stream_worker.engine.weights import load_model
 
 log = logging.getLogger(__name__)
 

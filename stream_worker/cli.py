@@ -53,7 +53,7 @@ def cmd_infer(args: argparse.Namespace, config) -> int:
     for start in range(0, len(spectra), step):
         chunk = spectra[start : start + step]
         estimates = estimator.estimate(
-            np.stack([s.flux for s in chunk]), np.stack([s.ivar for s in chunk]), [s.spectrum_id for s in chunk]
+            np.stack([s.flux for s in chunk]), [s.ivar for s in chunk], [s.spectrum_id for s in chunk]
         )
         records += [build_record(s, e, provenance) for s, e in zip(chunk, estimates)]
         _progress(len(records), len(spectra), time.perf_counter() - started)
@@ -77,10 +77,10 @@ def cmd_run(args: argparse.Namespace, config) -> int:
 
 def cmd_produce(args: argparse.Namespace, config) -> int:
     """Publishes apStar spectra as input messages (inline arrays or file references)."""
-    from stream_worker.io.apstar import read_apstar
-    from stream_worker.streaming.kafka_clients import make_producer
-    from stream_worker.io.wire import CONTENT_TYPE, encode_inline, encode_reference
     from stream_worker.core.spectrum import InputError
+    from stream_worker.io.apstar import read_apstar
+    from stream_worker.io.wire import CONTENT_TYPE, encode_inline, encode_reference
+    from stream_worker.streaming.kafka_clients import make_producer
 
     if args.bootstrap:
         config.kafka.bootstrap_servers = args.bootstrap.split(",")

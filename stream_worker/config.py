@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from stream_worker.engine.precision import MODES
+
 ENV_PREFIX = "STREAM_WORKER__"
 SASL_PASSWORD_ENV = "STREAM_WORKER_SASL_PASSWORD"
 
@@ -128,7 +130,7 @@ CHOICES = {
     "kafka.compression_type": (None, "gzip", "lz4", "zstd", "snappy"),
     "kafka.security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
     "kafka.sasl_mechanism": (None, "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
-    "engine.precision": ("exact", "fast"),
+    "engine.precision": tuple(MODES),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
     "logging.format": ("json", "text"),
 }

@@ -12,8 +12,8 @@ import time
 
 from kafka import KafkaConsumer
 
-from stream_worker.streaming import batch as pipeline
 from stream_worker.cli import main
+from stream_worker.streaming import batch as pipeline
 
 kill_at = int(os.environ.get("FAULT_KILL_AT_COMMIT", "0"))
 slow_seconds = float(os.environ.get("FAULT_SLOW_BATCH_S", "0"))

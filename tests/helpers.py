@@ -10,7 +10,6 @@ from devtools.samples import DATA, DWARF_FILE, GIANT_FILE, consumed  # noqa: F40
 from stream_worker.core.grid import N_PIXELS
 from stream_worker.engine.weights import random_model
 
-
 SMALL_SIZES = dict(channels=(4, 8), kernel_size=30, pooled_length=16, linear_width=32, linear_layers=2)
 
 

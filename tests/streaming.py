@@ -11,8 +11,8 @@ import torch
 from kafka import KafkaConsumer, KafkaProducer
 
 from devtools.worker_process import WorkerProcess
-from stream_worker.io.wire import encode_inline
 from stream_worker.core.spectrum import Spectrum
+from stream_worker.io.wire import encode_inline
 from tests.helpers import DATA, small_model, synthetic_spectra
 from tests.services import unique_topic
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from stream_worker.io.apstar import read_apstar, read_apstar_spectra, visit_row
 from stream_worker.core.spectrum import InputError, Spectrum, ivar_from_error, validate_spectrum
+from stream_worker.io.apstar import read_apstar, read_apstar_spectra, visit_row
 from tests.helpers import DWARF_FILE, GIANT_FILE
 
 

@@ -7,8 +7,8 @@ import torch
 from astropy.table import Table
 
 from stream_worker.cli import main
-from stream_worker.engine.weights import DEMO_MODEL_NAME
 from stream_worker.core.estimate import SCIENCE_FIELDS
+from stream_worker.engine.weights import DEMO_MODEL_NAME
 from tests.helpers import DWARF_FILE, GIANT_FILE, small_model
 
 

@@ -13,6 +13,7 @@ def test_shipped_config_documents_the_defaults():
 
 def test_every_setting_is_in_the_shipped_config():
     import dataclasses
+
     import yaml
 
     shipped = yaml.safe_load(CONFIG.read_text())

@@ -10,13 +10,18 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from stream_worker.io.apstar import read_apstar
 from stream_worker.config import EngineConfig
 from stream_worker.engine.estimator import Estimator
-from stream_worker.engine.weights import (
-    DEMO_MODEL_FILE, DEMO_MODEL_NAME, WeightsError, infer_sizes, load_demo_model, load_model,
-)
 from stream_worker.engine.network import ModelSizes
+from stream_worker.engine.weights import (
+    DEMO_MODEL_FILE,
+    DEMO_MODEL_NAME,
+    WeightsError,
+    infer_sizes,
+    load_demo_model,
+    load_model,
+)
+from stream_worker.io.apstar import read_apstar
 from tests.helpers import DWARF_FILE, GIANT_FILE, records_of
 
 MODELS = resources.files("stream_worker") / "models"

@@ -22,16 +22,15 @@ from importlib.resources import files
 import jsonschema
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream_worker.engine.estimator import Estimator
-from stream_worker.io.wire import DTYPES, encode_inline, encode_reference
 from stream_worker.core.grid import N_PIXELS
-from stream_worker.io.files import FileReader
-from stream_worker.streaming.batch import Pipeline
 from stream_worker.core.spectrum import SPECTRUM_KINDS, InputError, Spectrum
+from stream_worker.engine.estimator import Estimator
+from stream_worker.io.files import FileReader
+from stream_worker.io.wire import DTYPES, encode_inline, encode_reference
+from stream_worker.streaming.batch import Pipeline
 from tests.helpers import DWARF_FILE, GIANT_FILE, consumed, small_model, synthetic_spectra
 
 pytestmark = [

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from devtools.sdss_reference import reference_estimate
+from stream_worker.core.estimate import SCIENCE_FIELDS
 from stream_worker.core.flags import ResultFlags
 from stream_worker.engine.estimator import Estimator
 from stream_worker.engine.preprocess import noise_draws
-from stream_worker.core.estimate import SCIENCE_FIELDS
-from devtools.sdss_reference import reference_estimate
 from tests.helpers import Explodes, records_of, small_model, synthetic_spectra
 
 RAW = ("teff", "logg", "fe_h", "raw_e_teff", "raw_e_logg", "raw_e_fe_h")

@@ -15,19 +15,23 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
-import torch
 
-from stream_worker.core.flags import ResultFlags
-from stream_worker.engine.estimator import Estimator
-from stream_worker.io.wire import (
-    CONTENT_TYPE, MAX_HEADER_BYTES, FileReference, decode_input, encode_inline, encode_reference,
-)
-from stream_worker.core.grid import N_PIXELS
-from stream_worker.io.files import FileReader
-from stream_worker.streaming.batch import Pipeline
 from stream_worker.core.estimate import SCIENCE_FIELDS
+from stream_worker.core.flags import ResultFlags
+from stream_worker.core.grid import N_PIXELS
 from stream_worker.core.spectrum import InputError, Spectrum
+from stream_worker.engine.estimator import Estimator
+from stream_worker.io.files import FileReader
 from stream_worker.io.serializers.json_records import RESULT_CONTENT_TYPE
+from stream_worker.io.wire import (
+    CONTENT_TYPE,
+    MAX_HEADER_BYTES,
+    FileReference,
+    decode_input,
+    encode_inline,
+    encode_reference,
+)
+from stream_worker.streaming.batch import Pipeline
 from tests.helpers import DATA, DWARF_FILE, GIANT_FILE, Explodes, consumed, small_model, synthetic_spectra
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "messages.md"

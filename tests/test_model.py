@@ -5,10 +5,14 @@ import re
 import pytest
 import torch
 
-from stream_worker.engine.weights import (
-    DEMO_MODEL_NAME, WeightsError, check_state_dict, infer_sizes, load_model,
-)
 from stream_worker.engine.network import ApogeeNet, ModelSizes
+from stream_worker.engine.weights import (
+    DEMO_MODEL_NAME,
+    WeightsError,
+    check_state_dict,
+    infer_sizes,
+    load_model,
+)
 from tests.helpers import DATA, SMALL_SIZES, small_model
 
 

@@ -3,7 +3,12 @@ import pytest
 import torch
 
 from stream_worker.engine.preprocess import (
-    clean_flux, error_from_ivar, log_scale, network_inputs, noise_draws, spectrum_seed,
+    clean_flux,
+    error_from_ivar,
+    log_scale,
+    network_inputs,
+    noise_draws,
+    spectrum_seed,
 )
 
 L = 8575

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from devtools.synthetic import DR17_GAPS, EMULATOR_PIXELS, SpectrumGenerator, load_emulator
 from stream_worker.core.grid import N_PIXELS
 from stream_worker.engine.preprocess import network_inputs
-from devtools.synthetic import DR17_GAPS, EMULATOR_PIXELS, SpectrumGenerator, load_emulator
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,17 @@ import time
 import numpy as np
 import pytest
 
-from stream_worker.io.wire import encode_inline, encode_reference
 from stream_worker.core.estimate import SCIENCE_FIELDS
 from stream_worker.core.spectrum import Spectrum
+from stream_worker.io.wire import encode_inline, encode_reference
 from tests.helpers import DWARF_FILE, GIANT_FILE
 from tests.streaming import (
-    Topics, committed_total, consume, produce_raw, produce_spectra, records,
+    Topics,
+    committed_total,
+    consume,
+    produce_raw,
+    produce_spectra,
+    records,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -40,7 +45,8 @@ def test_n_inputs_give_n_records_with_every_field(kafka_broker, workers):
         assert set(SCIENCE_FIELDS) <= set(record)
         assert record["teff"] > 0 and record["e_teff"] > 10
         assert record["input_topic"] == topics.input and record["input_offset"] >= 0
-        assert record["weights_sha256"] and record["schema_version"] == 1
+        assert record["weights_sha256"] and record["schema_version"] == 2
+        assert record["engine_plan"].startswith("exact/cpu ")
     by_id = {r["spectrum_id"]: r for r in out}
     visit = by_id["apStar-dr17-2M17335483-2753043:visit2"]
     assert visit["spectrum_kind"] == "visit" and visit["visit"] == 2 and visit["source_id"] == "2M17335483-2753043"

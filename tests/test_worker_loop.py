@@ -10,13 +10,12 @@ import threading
 import time
 
 import pytest
-
 from kafka.structs import TopicPartition
 
-from stream_worker.streaming import worker as worker_module
 from stream_worker.config import load_config
-from stream_worker.streaming.metrics import Metrics
+from stream_worker.streaming import worker as worker_module
 from stream_worker.streaming.batch import BatchResult
+from stream_worker.streaming.metrics import Metrics
 from stream_worker.streaming.worker import EngineThread, Worker
 from tests.helpers import consumed
 

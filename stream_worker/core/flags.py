@@ -23,6 +23,7 @@ FLAG_NAMES = {
 
 TEFF_RANGE = (1_700.0, 100_000.0)
 LOGG_RANGE = (-1.0, 6.0)
+"""The user's specification and the pipeline's help text; the SDSS code itself tests ``logg > 10``."""
 FE_H_RANGE = (-4.0, 2.0)
 FE_H_MIN_TEFF = 3_200.0
 FE_H_MAX_LOGG = 5.0

@@ -41,7 +41,7 @@ class Metrics:
         self.flag_warn = Counter("stream_worker_flag_warn_total", "Published records with flag_warn", registry=r)
         self.flag_bad = Counter("stream_worker_flag_bad_total", "Published records with flag_bad", registry=r)
         self.batch_failures = Counter(
-            "stream_worker_batch_failures_total", "Batches whose publish or commit failed and were retried",
+            "stream_worker_batch_failures_total", "Batches whose engine run, publish or commit failed and were retried",
             ["stage"], registry=r)
         self.batch_size = Histogram(
             "stream_worker_batch_size_spectra", "Messages per micro-batch", buckets=BATCH_SIZE_BUCKETS, registry=r)
