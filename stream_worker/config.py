@@ -71,6 +71,7 @@ class EngineConfig:
     num_draws: int = 20
     seed: int = 0
     precision: str = "exact"
+    kernels: str = "measure"
     fft: bool = True
     batch_size: int | None = None
     chunk_spectra: int = 64
@@ -228,6 +229,7 @@ def _check(config: Config) -> Config:
             if key in POSITIVE and value is not None and value <= 0:
                 raise ConfigError(f"{key}: must be positive, found {value!r}")
     _check_result_format(config.kafka.result_format)
+    _check_kernels(config.engine.kernels)
     if not config.kafka.input_topics:
         raise ConfigError("kafka.input_topics: at least one input topic is needed")
     if config.engine.num_draws < 0 or config.engine.num_draws == 1:
@@ -246,6 +248,16 @@ def _check(config: Config) -> Config:
     if config.kafka.security_protocol.startswith("SASL") and not config.kafka.sasl_mechanism:
         raise ConfigError("kafka.sasl_mechanism: required with a SASL security protocol")
     return config
+
+
+def _check_kernels(value: str) -> None:
+    from stream_worker.engine.precision import parse_plan
+
+    if value not in ("measure", "rules"):
+        try:
+            parse_plan(value)
+        except ValueError as exc:
+            raise ConfigError(f"engine.kernels: must be measure, rules or a plan's label as logged: {exc}") from None
 
 
 def _check_result_format(name: str) -> None:

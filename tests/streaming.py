@@ -54,6 +54,7 @@ def small_worker(bootstrap: str, topics: Topics, weights: Path, log_path: Path, 
         "kafka__session_timeout_ms": 10000,
         "engine__weights": weights,
         "engine__num_draws": 4,
+        "engine__kernels": "rules",  # one plan in every worker process: redelivered records compare bit for bit
         "inputs__data_roots": f"[{DATA}]",
         "batching__max_spectra": 16,
         "batching__max_wait_seconds": 0.2,

@@ -54,6 +54,7 @@ def test_environment_overrides(tmp_path):
         ("kafka:\n  result_format: xml\n", "kafka.result_format: must be a format that encodes one record"),
         ("kafka:\n  result_format: fits\n", "kafka.result_format: must be a format that encodes one record"),
         ("engine:\n  precision: bf16\n", "engine.precision: must be one of"),
+        ("engine:\n  kernels: fastest\n", "engine.kernels: must be measure, rules or a plan's label"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path, yaml_text, key):

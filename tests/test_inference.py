@@ -127,8 +127,8 @@ def test_fast_mode_reports_the_exact_values_and_close_uncertainties(tiny_model, 
     from the clean pass through the exact network, bit for bit; only their spread moves, a little."""
     flux, ivar = spectra
     ids = [f"s{i}" for i in range(5)]
-    exact = records_of(Estimator(tiny_model, num_draws=20, seed=5), flux, ivar, ids)
-    engine = Estimator(tiny_model, num_draws=20, seed=5, precision="fast")
+    exact = records_of(Estimator(tiny_model, num_draws=20, seed=5, kernels="rules"), flux, ivar, ids)
+    engine = Estimator(tiny_model, num_draws=20, seed=5, precision="fast", kernels="rules")
     assert engine.draws_model is not engine.model
     fast = records_of(engine, flux, ivar, ids)
     moved = 0
@@ -229,7 +229,8 @@ def test_engine_fft_switch_keeps_the_numbers_and_can_be_turned_off(spectra):
     model = random_model(device="cpu", seed=5, channels=(4, 8, 16, 32, 64), pooled_length=8, linear_width=16,
                          linear_layers=1)
     flux, ivar = spectra
-    by_fft, direct = Estimator(model, num_draws=4, fft=True), Estimator(model, num_draws=4, fft=False)
+    by_fft = Estimator(model, num_draws=4, fft=True, kernels="rules")
+    direct = Estimator(model, num_draws=4, fft=False, kernels="rules")
     assert any(isinstance(m, SpectralConv) for m in by_fft.model.modules())
     assert not any(isinstance(m, SpectralConv) for m in direct.model.modules())
     for a, b in zip(records_of(by_fft, flux, ivar), records_of(direct, flux, ivar)):
@@ -251,9 +252,10 @@ def test_the_engine_returns_estimates_not_records(tiny_model, spectra):
 def test_records_name_the_precision_plan_they_were_made_under(tiny_model, spectra):
     """Records are bit-identical only under the same plan, so each says which plan it was."""
     flux, ivar = spectra
-    exact = records_of(Estimator(tiny_model, num_draws=4), flux[:1], ivar[:1], ["p"])[0]
-    fast = records_of(Estimator(tiny_model, num_draws=4, precision="fast"), flux[:1], ivar[:1], ["p"])[0]
-    direct = records_of(Estimator(tiny_model, num_draws=4, fft=False), flux[:1], ivar[:1], ["p"])[0]
+    exact = records_of(Estimator(tiny_model, num_draws=4, kernels="rules"), flux[:1], ivar[:1], ["p"])[0]
+    fast = records_of(Estimator(tiny_model, num_draws=4, precision="fast", kernels="rules"), flux[:1], ivar[:1],
+                      ["p"])[0]
+    direct = records_of(Estimator(tiny_model, num_draws=4, fft=False, kernels="rules"), flux[:1], ivar[:1], ["p"])[0]
     assert exact["engine_plan"] == "exact/cpu clean=draws: convs fft-f32x2 head f32"
     assert fast["engine_plan"] == "fast/cpu clean: convs fft-f32x2 head f32; draws: convs fft-f32x2 head bf16"
     assert direct["engine_plan"] == "exact/cpu clean=draws: convs direct-f32x2 head f32"
@@ -288,3 +290,37 @@ def test_the_plan_follows_the_device_and_the_network():
     assert MODES["fast"].plan("cuda", *full).clean == MODES["exact"].plan("cuda", *full).clean
     assert MODES["exact"].plan("cpu", (2, 3, 5), 30).clean.convs == ("direct-f32",) * 4
     assert MODES["exact"].plan("cpu", (2, 8, 8), 30).clean.convs == ("direct-f32", "fft-f32", "fft-f32", "fft-f32")
+
+
+def test_kernels_are_measured_once_per_process_and_stay_within_the_mode(tiny_model, spectra, caplog):
+    """engine.kernels: measure (default) times each allowed form on this device and keeps the
+    fastest; exact mode never picks bfloat16, fast mode only for the draws; a second engine of
+    the same kind reuses the measurement, so all its records share one plan."""
+    import logging
+
+    from stream_worker.engine.precision import MODES, parse_plan
+
+    with caplog.at_level(logging.INFO, logger="stream_worker.engine.tuning"):
+        exact = Estimator(tiny_model, num_draws=4, precision="exact")
+        fast = Estimator(tiny_model, num_draws=4, precision="fast")
+        again = Estimator(tiny_model, num_draws=4, precision="fast")
+    assert sum("kernels measured" in r.getMessage() for r in caplog.records) <= 2  # clean, fast draws
+    assert again.plan == fast.plan
+    assert "bf16" not in exact.plan.label and fast.plan.clean == exact.plan.clean
+    for engine in (exact, fast):
+        assert MODES[engine.plan.mode].check(engine.plan, tiny_model.sizes.channels) is engine.plan
+        assert parse_plan(engine.plan.label) == engine.plan
+
+
+def test_a_pinned_plan_is_used_as_given_and_checked_against_the_mode(tiny_model, spectra):
+    flux, ivar = spectra
+    label = "fast/cpu clean: convs direct-f32x2 head f32; draws: convs fft-f32x1,direct-bf16x1 head bf16"
+    pinned = Estimator(tiny_model, num_draws=4, precision="fast", kernels=label)
+    assert pinned.plan.label == label
+    assert records_of(pinned, flux[:1], ivar[:1], ["q"])[0]["engine_plan"] == label
+    with pytest.raises(ValueError, match="'direct-bf16' is not allowed in exact mode"):
+        Estimator(tiny_model, precision="exact", kernels="exact/cpu clean=draws: convs direct-bf16x2 head f32")
+    with pytest.raises(ValueError, match="the pinned plan is for cuda"):
+        Estimator(tiny_model, kernels="exact/cuda clean=draws: convs direct-f32x2 head f32")
+    with pytest.raises(ValueError, match="not a precision plan"):
+        Estimator(tiny_model, kernels="fastest please")

@@ -22,10 +22,11 @@ from stream_worker.config import EngineConfig
 from stream_worker.core.estimate import Estimate, failed, measured
 from stream_worker.core.labels import APOGEENET_III
 from stream_worker.core.records import Provenance
-from stream_worker.engine.kernels import FusedApogeeNet
+from stream_worker.engine.kernels import TRUNK_ROWS, FusedApogeeNet
 from stream_worker.engine.network import ApogeeNet
-from stream_worker.engine.precision import PrecisionPlan, precision_mode
+from stream_worker.engine.precision import PrecisionMode, PrecisionPlan, parse_plan, precision_mode
 from stream_worker.engine.preprocess import network_inputs, noise_draws
+from stream_worker.engine.tuning import measured_plan
 from stream_worker.engine.uncertainty import summarise, unnormalise
 from stream_worker.engine.weights import DEMO_MODEL_NAME, load_model, random_model, resolve_device
 
@@ -45,10 +46,13 @@ class Estimator:
         chunk_spectra: int = 64,
         precision: str = "exact",
         fft: bool = True,
+        kernels: str = "measure",
     ) -> None:
         """``precision``: a mode of :data:`~stream_worker.engine.precision.MODES`, resolved into a
-        plan for this device and network. ``fft``: let the plan use FFT convolutions where they were
-        measured to pay (CPUs); ``False`` keeps the direct sums and their exact rounding."""
+        plan for this device and network by ``kernels``: ``"measure"`` times every form the mode
+        allows on this device (:mod:`~stream_worker.engine.tuning`), ``"rules"`` takes the mode's
+        fixed rules, and a plan's label pins that plan. ``fft``: allow FFT convolutions;
+        ``False`` keeps the direct sums and their exact rounding."""
         if num_draws < 0 or num_draws == 1:
             raise ValueError(f"num_draws must be 0 (no uncertainties) or at least 2, got {num_draws}")
         mode = precision_mode(precision)
@@ -63,7 +67,7 @@ class Estimator:
         self.model = self.draws_model = model
         self.plan: PrecisionPlan | None = None
         if isinstance(model, ApogeeNet):
-            self.plan = mode.plan(self.device.type, model.sizes.channels, model.sizes.kernel_size, fft=fft)
+            self.plan = self._resolve(mode, model, kernels, fft)
             self.plan.apply()
             self.model = self.draws_model = FusedApogeeNet(model, self.plan.clean)
             if self.plan.draws != self.plan.clean:
@@ -74,6 +78,18 @@ class Estimator:
         self.seed = 0 if seed is None else int(seed)
         self.batch_size = int(batch_size or (1024 if self.device.type == "cuda" else 256))
         self.chunk_spectra = int(chunk_spectra)
+
+    def _resolve(self, mode: PrecisionMode, model: ApogeeNet, kernels: str, fft: bool) -> PrecisionPlan:
+        sizes = model.sizes
+        if kernels == "rules":
+            return mode.plan(self.device.type, sizes.channels, sizes.kernel_size, fft=fft)
+        if kernels == "measure":
+            rows = TRUNK_ROWS.get(self.device.type, TRUNK_ROWS["cuda"])
+            return measured_plan(model, mode, self.device, rows, fft=fft)
+        plan = parse_plan(kernels)
+        if plan.device_type != self.device.type:
+            raise ValueError(f"the pinned plan is for {plan.device_type}, the engine runs on {self.device.type}")
+        return mode.check(plan, sizes.channels, fft=fft)
 
     @property
     def provenance(self) -> Provenance:
@@ -111,6 +127,7 @@ class Estimator:
             chunk_spectra=engine.chunk_spectra,
             precision=engine.precision,
             fft=engine.fft,
+            kernels=engine.kernels,
         )
 
     def estimate(self, flux: np.ndarray, ivar: np.ndarray | Sequence[np.ndarray],
@@ -130,13 +147,57 @@ class Estimator:
         if len(ids) != len(flux):
             raise ValueError(f"{len(ids)} ids for {len(flux)} spectra")
         estimates: list[Estimate] = []
-        for start in range(0, len(flux), self.chunk_spectra):
-            stop = start + self.chunk_spectra
-            estimates += self._estimate_chunk(flux[start:stop], ivar[start:stop], ids[start:stop])
+        for start, (chunk_flux, chunk_ivar, started) in zip(range(0, len(flux), self.chunk_spectra),
+                                                            self._on_device(flux, ivar)):
+            estimates += self._estimate_chunk(chunk_flux, chunk_ivar, ids[start : start + self.chunk_spectra], started)
         return estimates
 
-    def _estimate_chunk(self, flux: np.ndarray, ivar: np.ndarray, ids: list[str]) -> list[Estimate]:
-        started = time.perf_counter()
+    def _on_device(self, flux: np.ndarray, ivar: Sequence[np.ndarray]):
+        """Each chunk's flux ``(n, L)`` and ivar rows as tensors on the engine's device, with the
+        time its work began. Only flux and ivar cross to the device: the draws are made there.
+        On a GPU the next chunk is copied (pinned buffers, one copy per dtype, a side stream)
+        while the current one computes; on a CPU the arrays are used in place."""
+        step = self.chunk_spectra
+        if self.device.type != "cuda":
+            for start in range(0, len(flux), step):
+                rows = [torch.from_numpy(_native(row)) for row in ivar[start : start + step]]
+                yield torch.from_numpy(_native(flux[start : start + step])), rows, time.perf_counter()
+            return
+        copies = torch.cuda.Stream(self.device)
+
+        def stage(start: int):
+            """Queues the chunk's copies on the side stream; returns its tensors and an event."""
+            chunk = ivar[start : start + step]
+            with torch.cuda.stream(copies):
+                tensors = {"flux": _pinned(flux[start : start + step]).to(self.device, non_blocking=True)}
+                by_dtype: dict[np.dtype, list[int]] = {}
+                for i, row in enumerate(chunk):
+                    by_dtype.setdefault(_native(row).dtype, []).append(i)
+                rows: list = [None] * len(chunk)
+                for dtype, indices in by_dtype.items():
+                    group = _pinned(np.stack([_native(chunk[i]) for i in indices])).to(self.device, non_blocking=True)
+                    tensors[str(dtype)] = group
+                    for j, i in enumerate(indices):
+                        rows[i] = group[j]
+                ready = torch.cuda.Event()
+                ready.record(copies)
+            return tensors, rows, ready
+
+        starts = list(range(0, len(flux), step))
+        staged = stage(starts[0]) if starts else None
+        for k, _ in enumerate(starts):
+            tensors, rows, ready = staged
+            started = time.perf_counter()
+            if k + 1 < len(starts):
+                staged = stage(starts[k + 1])  # runs on the side stream while this chunk computes
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(ready)
+            for tensor in tensors.values():
+                tensor.record_stream(compute)  # allocated on the side stream, used on this one
+            yield tensors["flux"], rows, started
+
+    def _estimate_chunk(self, flux: torch.Tensor, ivar: list[torch.Tensor], ids: list[str],
+                        started: float) -> list[Estimate]:
         outcomes: dict[int, tuple | BaseException] = {}
         blocks = self._input_blocks(flux, ivar, ids, outcomes)
         outcomes.update(self._run_blocks(blocks))
@@ -151,14 +212,16 @@ class Estimator:
                 estimates.append(measured(spectrum_id, *outcome, self.card, seconds))
         return estimates
 
-    def _input_blocks(self, flux: np.ndarray, ivar: np.ndarray, ids: list[str],
+    def _input_blocks(self, flux: torch.Tensor, ivar: list[torch.Tensor], ids: list[str],
                       failures: dict[int, BaseException]) -> dict[int, torch.Tensor]:
-        """Per spectrum, rows ``(1 + num_draws, 1, L)``: the clean input first, then the noisy
-        ones. Prepared as one stack; if that raises, spectrum by spectrum, recording failures."""
+        """Per spectrum, rows ``(1 + num_draws, 1, L)`` on the engine's device: the clean input
+        first, then the noisy ones, each spectrum's noise from its own generator on that device.
+        Prepared as one stack; if that raises, spectrum by spectrum, recording failures."""
         def blocks_of(indices: list[int]) -> list[torch.Tensor]:
             noise = None
             if self.num_draws:
-                noise = torch.stack([noise_draws(ids[i], self.seed, self.num_draws, flux.shape[-1]) for i in indices])
+                noise = torch.stack([noise_draws(ids[i], self.seed, self.num_draws, flux.shape[-1], self.device)
+                                     for i in indices])
             clean, noisy = network_inputs(flux[indices], [ivar[i] for i in indices], noise)
             return list(clean.unsqueeze(1)) if noisy is None else list(torch.cat([clean.unsqueeze(1), noisy], dim=1))
 
@@ -215,10 +278,19 @@ class Estimator:
         return torch.cat([clean.unsqueeze(1), draws.view(len(blocks), self.num_draws, -1)], 1).flatten(0, 1)
 
     def _run(self, model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        """``model`` over ``inputs``, ``batch_size`` rows at a time, unnormalised, on the CPU. On a
-        GPU the inputs are pinned, so copies run asynchronously, and the outputs come back once at
-        the end: no synchronisation between batches."""
-        if self.device.type == "cuda":
-            inputs = inputs.pin_memory()
-        outputs = [model(batch.to(self.device, non_blocking=True)).float() for batch in inputs.split(self.batch_size)]
+        """``model`` over ``inputs`` (on the engine's device), ``batch_size`` rows at a time,
+        unnormalised, on the CPU: the outputs come back once at the end, so a GPU is not
+        synchronised between batches."""
+        outputs = [model(batch).float() for batch in inputs.split(self.batch_size)]
         return unnormalise(torch.cat(outputs).cpu(), self.card)
+
+
+def _native(array) -> np.ndarray:
+    """``array`` contiguous in the machine's byte order (FITS data is big-endian), its dtype kept."""
+    array = np.asarray(array)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+
+
+def _pinned(array: np.ndarray) -> torch.Tensor:
+    """A page-locked copy of ``array``, so its copy to the GPU runs asynchronously."""
+    return torch.from_numpy(_native(array)).pin_memory()

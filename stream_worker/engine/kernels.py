@@ -23,12 +23,12 @@ from stream_worker.engine.network import ApogeeNet
 from stream_worker.engine.precision import NetworkForm
 
 
-def _folded_conv(conv: nn.Conv1d, bn: nn.BatchNorm1d) -> nn.Conv2d:
+def fold_conv(conv: nn.Conv1d, bn: nn.BatchNorm1d) -> nn.Conv2d:
     """``bn(conv(x))`` as one ``(1 x k)`` Conv2d: w' = w * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     folded = nn.Conv2d(conv.in_channels, conv.out_channels, (1, conv.kernel_size[0]),
-                       padding=(0, conv.padding[0]), bias=True)
+                       padding=(0, conv.padding[0]), bias=True, device=conv.weight.device)
     with torch.no_grad():
         folded.weight.copy_((conv.weight * scale[:, None, None]).unsqueeze(2))
         folded.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
@@ -93,7 +93,7 @@ class InBFloat16(nn.Module):
         return self.module(x.to(torch.bfloat16)).float()
 
 
-def _conv(conv: nn.Conv2d, form: str) -> nn.Module:
+def conv_as(conv: nn.Conv2d, form: str) -> nn.Module:
     """The folded ``conv`` as it runs in ``form`` (one of the plan's ``CONV_FORMS``)."""
     if form == "fft-f32":
         return SpectralConv(conv)
@@ -106,8 +106,8 @@ class FusedResBlock(nn.Module):
 
     def __init__(self, block, forms: tuple[str, str]) -> None:
         super().__init__()
-        self.conv1 = _conv(_folded_conv(block.conv1, block.bn1), forms[0])
-        self.conv2 = _conv(_folded_conv(block.conv2, block.bn2), forms[1])
+        self.conv1 = conv_as(fold_conv(block.conv1, block.bn1), forms[0])
+        self.conv2 = conv_as(fold_conv(block.conv2, block.bn2), forms[1])
         self.first_channel = block.shortcut_padding[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +134,7 @@ class FusedApogeeNet(nn.Module):
         model = model.eval()
         device_type = next(model.parameters()).device.type
         self.pos_enc = model.pos_enc
-        self.first_conv = _folded_conv(model.first_conv.conv_layer, model.first_conv.bn)
+        self.first_conv = fold_conv(model.first_conv.conv_layer, model.first_conv.bn)
         self.res_blocks = nn.ModuleList(
             FusedResBlock(block, form.convs[2 * i : 2 * i + 2]) for i, block in enumerate(model.res_blocks)
         )

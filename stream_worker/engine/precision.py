@@ -112,6 +112,32 @@ class PrecisionMode:
 
         return PrecisionPlan(self.name, device_type, network(False), network(self.reduced_draws))
 
+    def choices(self, channels: tuple[int, ...], fft: bool = True, reduced: bool = False) -> tuple[list, tuple]:
+        """The forms this mode allows each convolution (in order) and the head, for the clean
+        network or (``reduced``) the draws network: what a measurement may choose between."""
+        base = ("fft-f32", "direct-f32") if fft else ("direct-f32",)
+        blocks = len(channels) - 1
+        convs = [base + (("direct-bf16",) if reduced and self.reduced_draws and block >= blocks - REDUCED_BLOCKS else ())
+                 for block in range(blocks) for _ in (1, 2)]
+        return convs, (("f32", "bf16") if reduced and self.reduced_draws else ("f32",))
+
+    def check(self, plan: PrecisionPlan, channels: tuple[int, ...], fft: bool = True) -> PrecisionPlan:
+        """``plan`` if this mode allows it for this network (a pinned ``engine.kernels``), else a
+        ValueError saying which layer breaks the mode."""
+        if plan.mode != self.name:
+            raise ValueError(f"the plan is for precision {plan.mode!r}, the engine runs {self.name!r}")
+        for part, form, reduced in (("clean", plan.clean, False), ("draws", plan.draws, True)):
+            convs, heads = self.choices(channels, fft, reduced)
+            if len(form.convs) != len(convs):
+                raise ValueError(f"the plan's {part} network has {len(form.convs)} convolutions, the network {len(convs)}")
+            for i, (chosen, allowed) in enumerate(zip(form.convs, convs)):
+                if chosen not in allowed:
+                    raise ValueError(f"{part} convolution {i}: {chosen!r} is not allowed in {self.name} mode "
+                                     f"(allowed: {', '.join(allowed)})")
+            if form.head not in heads:
+                raise ValueError(f"{part} head: {form.head!r} is not allowed in {self.name} mode")
+        return plan
+
 
 MODES = {
     mode.name: mode
@@ -122,6 +148,36 @@ MODES = {
                               "layer and the last blocks' direct convolutions in bfloat16", reduced_draws=True),
     )
 }
+
+
+def parse_form(text: str) -> NetworkForm:
+    """The inverse of :meth:`NetworkForm.label`."""
+    words = text.split()
+    if len(words) != 4 or words[0] != "convs" or words[2] != "head":
+        raise ValueError(f"not a network form: {text!r} (expected 'convs FORMxN,... head FORM')")
+    convs: list[str] = []
+    for run in words[1].split(","):
+        form, _, count = run.rpartition("x")
+        if not form or not count.isdigit():
+            raise ValueError(f"not a run of convolution forms: {run!r} (expected FORMxN)")
+        convs += [form] * int(count)
+    return NetworkForm(tuple(convs), words[3])
+
+
+def parse_plan(label: str) -> PrecisionPlan:
+    """The inverse of :attr:`PrecisionPlan.label`: a plan as logged, shown in ``model_info`` and
+    written in records, to pin with ``engine.kernels``."""
+    head, _, body = label.partition(" ")
+    mode, _, device_type = head.partition("/")
+    if not mode or not device_type:
+        raise ValueError(f"not a precision plan: {label!r} (expected 'MODE/DEVICE clean...')")
+    if body.startswith("clean=draws: "):
+        form = parse_form(body[len("clean=draws: "):])
+        return PrecisionPlan(mode, device_type, form, form)
+    clean, sep, draws = body.partition("; draws: ")
+    if not clean.startswith("clean: ") or not sep:
+        raise ValueError(f"not a precision plan: {label!r} (expected 'clean: ...; draws: ...')")
+    return PrecisionPlan(mode, device_type, parse_form(clean[len("clean: "):]), parse_form(draws))
 
 
 def precision_mode(name: str) -> PrecisionMode:

@@ -1,12 +1,18 @@
-"""Turns (flux, ivar) into the network's input, exactly as the APOGEENet III pipeline does.
+"""Turns (flux, ivar) into the network's input, exactly as the APOGEENet III pipeline does, in
+torch on the engine's device.
 
-Pure functions. Arithmetic follows the pipeline's dtypes (the error in the ivar's own dtype, then
-float32 from there on), so the same spectrum gives the same input bits here and there.
+The host sends each spectrum's flux and ivar once; the error from the ivar, the Monte Carlo noise
+draws, the log scaling and the 95th-percentile clip are computed where the network runs, for a
+whole chunk of spectra per operation (per-call costs of small operations dominate otherwise).
+Arithmetic follows the pipeline's dtypes (the error in the ivar's own dtype, float32 from there
+on), and every reduction is written so that a CPU gives the bits numpy and ``torch.quantile``
+give (tests/test_preprocess.py), so records did not change when this moved off numpy.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -21,36 +27,79 @@ ERROR_CLIP_FACTOR = 5.0
 """Errors are clipped at this many times the median finite error; unknown errors get that value."""
 
 
-def clean_flux(flux: np.ndarray) -> np.ndarray:
-    """``nan_to_num(flux, nan=0)`` in float32: chip gaps become zero flux."""
-    return np.nan_to_num(np.asarray(flux, dtype=np.float32), nan=0.0)
+def clean_flux(flux) -> torch.Tensor:
+    """``nan_to_num(flux, nan=0)`` in float32: chip gaps become zero flux (and ±inf the largest
+    finite numbers, as numpy's ``nan_to_num`` does in the pipeline)."""
+    return torch.nan_to_num(torch.as_tensor(flux).float(), nan=0.0)
 
 
-def error_from_ivar(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
-    """Per-pixel 1-sigma error from inverse variance, for one spectrum, as the SDSS pipeline
-    computes it: ``(1 / nan_to_num(ivar)) ** 0.5`` in the ivar's own dtype, cast to float32 last.
+def median_rows(values: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
+    """numpy's median of each row (of the ``counted`` entries only, which must sort first): the
+    middle value, or the mean of the two middle values in the rows' dtype. NaN for no entries."""
+    ordered = torch.sort(values, dim=-1).values
+    count = torch.full(values.shape[:-1], values.shape[-1], device=values.device) if counted is None \
+        else counted.sum(-1)
+    lower = ordered.gather(-1, ((count - 1) // 2).clamp(min=0)[..., None])[..., 0]
+    upper = ordered.gather(-1, (count // 2).clamp(max=values.shape[-1] - 1)[..., None])[..., 0]
+    median = torch.where(count % 2 == 1, lower, (lower + upper) / 2)
+    return torch.where(count > 0, median, torch.full_like(median, float("nan")))
+
+
+def errors_from_ivar(flux: torch.Tensor, ivar: torch.Tensor) -> torch.Tensor:
+    """Per-pixel 1-sigma errors ``(N, L)`` float32 from ``(N, L)`` ivar, as the SDSS pipeline
+    computes them: ``(1 / nan_to_num(ivar)) ** 0.5`` in the ivar's own dtype, float32 last.
 
     ivar 0, NaN and negative values give an infinite error, which ends at 5x the median of the
-    finite errors; every error is clipped at that value. ivar = +inf becomes the dtype's largest
-    number, so its error is tiny (5e-20 in float32; 0 once a float64 one is cast) and it counts
-    in the median. A spectrum whose every error is infinite gets ``0.1 * median(flux)``. (One
-    deliberate difference: the pipeline gives negative ivar a NaN error, which also ends at 5x the
-    median, except in a spectrum without any positive ivar, where it makes every number NaN.)
+    spectrum's finite errors; every error is clipped at that value. ivar = +inf becomes the
+    dtype's largest number, so its error is tiny (5e-20 in float32; 0 once a float64 one is cast)
+    and it counts in the median. A spectrum whose every error is infinite gets
+    ``0.1 * median(flux)``. (One deliberate difference: the pipeline gives negative ivar a NaN
+    error, which also ends at 5x the median, except in a spectrum without any positive ivar,
+    where it makes every number NaN.) ``flux``: the cleaned float32 flux.
     """
-    ivar = np.asarray(ivar)
-    if ivar.dtype not in (np.float32, np.float64):
-        ivar = ivar.astype(np.float32)
-    one = ivar.dtype.type(1)
-    informative = np.nan_to_num(ivar)
-    informative[informative < 0] = 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        error = np.divide(one, informative) ** ivar.dtype.type(0.5)
-        if np.isinf(error).all():
-            error = np.full_like(error, 0.1 * float(np.median(clean_flux(flux))))
-        finite = error[~np.isinf(error)]
-        limit = ivar.dtype.type(ERROR_CLIP_FACTOR) * np.nanmedian(finite) if finite.size else ivar.dtype.type(np.nan)
-        error = np.clip(error, None, limit)
-        return np.where(np.isnan(error), limit, error).astype(np.float32)
+    if ivar.dtype not in (torch.float32, torch.float64):
+        ivar = ivar.float()
+    informative = torch.nan_to_num(ivar)
+    informative = torch.where(informative > 0, informative, torch.zeros_like(informative))
+    error = torch.sqrt(1 / informative)
+    infinite = torch.isinf(error)
+    fallback = (0.1 * median_rows(flux).double()).to(ivar.dtype)
+    error = torch.where(infinite.all(-1, keepdim=True), fallback[:, None], error)
+    finite = ~torch.isinf(error)
+    limit = ERROR_CLIP_FACTOR * median_rows(torch.where(finite, error, torch.inf), finite)
+    error = torch.minimum(error, limit[:, None])
+    return torch.where(torch.isnan(error), limit[:, None], error).float()
+
+
+def errors_of(flux: torch.Tensor, ivar_rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``errors_from_ivar`` for rows that may differ in dtype: each dtype's rows together, never
+    converted to a common dtype, so a spectrum's error has the same bits whatever its companions."""
+    error = torch.empty(flux.shape, dtype=torch.float32, device=flux.device)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, row in enumerate(ivar_rows):
+        by_dtype.setdefault(row.dtype, []).append(i)
+    for indices in by_dtype.values():
+        index = torch.tensor(indices, device=flux.device)
+        error[index] = errors_from_ivar(flux[index], torch.stack([ivar_rows[i] for i in indices]))
+    return error
+
+
+def clip_level(flat: torch.Tensor) -> torch.Tensor:
+    """``torch.quantile(flat, 0.95, dim=-1, keepdim=True)``, bit for bit, by selection instead of
+    a full sort: the two order statistics around the rank (``topk`` of the top 5%, then the two
+    smallest of those) and torch's linear interpolation (the rank from float32 0.95 in double,
+    the weight rounded to float32). A row holding NaN gives NaN, as ``torch.quantile`` does."""
+    n = flat.shape[-1]
+    rank = float(np.float32(CLIP_QUANTILE)) * (n - 1)
+    below_index = int(rank)
+    weight = float(np.float32(rank - below_index))
+    top = torch.topk(flat, n - below_index, dim=-1, sorted=False).values
+    if n - below_index >= 2:
+        pair = torch.topk(top, 2, dim=-1, largest=False, sorted=True).values
+        level = torch.lerp(pair[..., :1], pair[..., 1:], weight)
+    else:
+        level = top
+    return torch.where(torch.isnan(flat).any(-1, keepdim=True), torch.full_like(level, float("nan")), level)
 
 
 def log_scale(flux: torch.Tensor, dims: int = 1) -> torch.Tensor:
@@ -59,8 +108,7 @@ def log_scale(flux: torch.Tensor, dims: int = 1) -> torch.Tensor:
     never across spectra."""
     logged = torch.log(torch.clamp(flux, min=FLUX_FLOOR))
     flat = logged.reshape(*logged.shape[: logged.dim() - dims], -1)
-    ceiling = torch.quantile(flat, CLIP_QUANTILE, dim=-1, keepdim=True) + 1
-    return torch.minimum(flat, ceiling).reshape(logged.shape)
+    return torch.minimum(flat, clip_level(flat) + 1).reshape(logged.shape)
 
 
 def spectrum_seed(seed: int, spectrum_id: str) -> int:
@@ -70,33 +118,33 @@ def spectrum_seed(seed: int, spectrum_id: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def noise_draws(spectrum_id: str, seed: int, num_draws: int, n_pixels: int) -> torch.Tensor:
-    """Standard normal draws ``(num_draws, n_pixels)`` from a generator owned by this spectrum."""
-    generator = torch.Generator().manual_seed(spectrum_seed(seed, spectrum_id))
-    return torch.randn((num_draws, n_pixels), generator=generator, dtype=torch.float32)
+def noise_draws(spectrum_id: str, seed: int, num_draws: int, n_pixels: int,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """Standard normal draws ``(num_draws, n_pixels)`` from a generator owned by this spectrum, on
+    ``device``. Reproducible per device type: a CUDA generator draws other numbers than the CPU's."""
+    generator = torch.Generator(device=device).manual_seed(spectrum_seed(seed, spectrum_id))
+    return torch.randn((num_draws, n_pixels), generator=generator, dtype=torch.float32, device=device)
 
 
-def network_inputs(
-    flux: np.ndarray, ivar: np.ndarray, noise: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Clean and noisy network inputs, for one spectrum or a stack of them.
+def network_inputs(flux, ivar, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Clean and noisy network inputs, for one spectrum or a stack of them, on the device the
+    inputs are on (numpy arrays count as CPU tensors).
 
     One spectrum: ``flux``/``ivar`` ``(L,)``, ``noise`` ``(D, L)`` → clean ``(1, 1, L)``, noisy
     ``(D, 1, L)``. A stack: ``(N, L)`` flux, ``N`` ivar rows (an array or a sequence, each row in
     its own dtype) and ``(N, D, L)`` noise → ``(N, 1, L)`` and ``(N, D, 1, L)``.
     Noisy inputs are ``flux + error * noise`` in linear flux, log scaled together per spectrum.
-    A stack goes through each elementwise operation in one call, which matters: per-call costs
-    of small tensor operations dominate otherwise.
     """
-    single = np.ndim(flux) == 1
-    flux2 = np.atleast_2d(flux)
-    ivar_rows = [ivar] if single else ivar  # never stacked: each spectrum's ivar keeps its own dtype
-    flux32 = torch.from_numpy(clean_flux(flux2))
+    flux = torch.as_tensor(flux)
+    single = flux.dim() == 1
+    flux32 = clean_flux(flux[None] if single else flux)
     clean = log_scale(flux32).unsqueeze(1)
     noisy = None
     if noise is not None and noise.shape[-2] > 0:
-        error = torch.from_numpy(np.stack([error_from_ivar(f, v) for f, v in zip(flux2, ivar_rows)]))
-        draws = noise.reshape(len(flux2), -1, flux2.shape[-1])
+        rows = [torch.as_tensor(ivar, device=flux32.device)] if single else \
+            [torch.as_tensor(row, device=flux32.device) for row in ivar]
+        error = errors_of(flux32, rows)
+        draws = noise.reshape(len(flux32), -1, flux32.shape[-1])
         noisy = log_scale(flux32[:, None, :] + error[:, None, :] * draws, dims=2).unsqueeze(2)
     if single:
         return clean, None if noisy is None else noisy[0]

@@ -1,0 +1,118 @@
+"""Kernels chosen by measurement, on the device the engine runs on, when it starts.
+
+Which form of a convolution is fastest depends on the machine: on a 2-core EPYC without AMX the
+FFT beat direct float32 sums 2.5x in the last block and direct bfloat16 too, while on a
+Sapphire-Rapids-class CPU with AMX direct bfloat16 in the last two blocks plus the bfloat16 head
+took 0.064 s per 21-row spectrum against 0.107 s for the FFT plan. So for each convolution and
+the head, every form the precision mode allows is timed for a few passes of the engine's real
+shapes (``trunk_rows`` rows of the layer's input), and the fastest is used; the mode's rule-based
+form is kept unless another is more than :data:`MARGIN` faster, so that noise does not flip the
+plan. Results are cached per process. ``engine.kernels: rules`` skips the measurement, and a
+plan's label pins it (``docs/deployment.md``: pods that must give bit-identical records for
+redelivered spectra should pin the same plan).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import torch
+
+from stream_worker.core.grid import N_PIXELS
+from stream_worker.engine.kernels import HEAD_ROWS, InBFloat16, conv_as, fold_conv
+from stream_worker.engine.network import ApogeeNet
+from stream_worker.engine.precision import NetworkForm, PrecisionMode, PrecisionPlan
+
+log = logging.getLogger(__name__)
+
+MARGIN = 0.05
+"""Another form must beat the rule's by more than this fraction of its time to replace it."""
+
+REPEATS = 3
+"""Timed passes per form (after one warm-up pass); the fastest counts."""
+
+_MEASURED: dict[tuple, NetworkForm] = {}
+_TIMINGS: dict[tuple, dict] = {}
+
+
+def measured_plan(model: ApogeeNet, mode: PrecisionMode, device: torch.device, trunk_rows: int,
+                  fft: bool = True) -> PrecisionPlan:
+    """The plan of ``mode`` for ``model`` on ``device`` whose every layer took the least time.
+    The clean network is measured once for every mode (its forms are the same in all), so fast
+    mode reports exact mode's values bit for bit in one process, as with fixed rules."""
+    sizes = model.sizes
+    network = (str(device), sizes, trunk_rows, fft, torch.get_num_threads())
+    rule = mode.plan(device.type, sizes.channels, sizes.kernel_size, fft=fft)
+    timings = _TIMINGS.setdefault(network, {})
+
+    def measure(part: str, reduced: bool, default: NetworkForm) -> NetworkForm:
+        key = (*network, part)
+        if key not in _MEASURED:
+            started = time.perf_counter()
+            _MEASURED[key] = _fastest(model, device, trunk_rows, *mode.choices(sizes.channels, fft, reduced),
+                                      default, timings)
+            log.info("kernels measured in %.1f s on %s for the %s network: %s", time.perf_counter() - started,
+                     device, part, _MEASURED[key].label())
+        return _MEASURED[key]
+
+    clean = measure("clean", False, rule.clean)
+    draws = measure(f"{mode.name} draws", True, rule.draws) if mode.reduced_draws else clean
+    return PrecisionPlan(mode.name, device.type, clean, draws)
+
+
+def _fastest(model: ApogeeNet, device: torch.device, rows: int, conv_choices: list, head_choices: tuple,
+             rule: NetworkForm, timings: dict) -> NetworkForm:
+    convs = []
+    for index, (allowed, (conv, length)) in enumerate(zip(conv_choices, _convolutions(model))):
+        def build(form: str, conv=conv):
+            return conv_as(conv, form)
+        x = torch.rand(rows, conv.in_channels, 1, length, device=device).contiguous(memory_format=torch.channels_last)
+        convs.append(_choose(allowed, rule.convs[index], build, x, device, timings, ("conv", index)))
+    first = model.linear_sequential[0]
+    features = torch.rand(HEAD_ROWS, first.linear_layer.in_features, device=device)
+    head = _choose(head_choices, rule.head, lambda form: InBFloat16(copy.deepcopy(first)) if form == "bf16" else first,
+                   features, device, timings, ("head",))
+    return NetworkForm(tuple(convs), head)
+
+
+def _choose(allowed, default: str, build, x: torch.Tensor, device: torch.device, timings: dict, where: tuple) -> str:
+    seconds = {}
+    for form in allowed:
+        if (where, form) not in timings:
+            try:
+                module = build(form)
+            except ValueError:  # e.g. a kernel too long for the FFT tile
+                continue
+            timings[(where, form)] = _time(module, x, device)
+        seconds[form] = timings[(where, form)]
+    best = min(seconds, key=seconds.get)
+    if default in seconds and seconds[default] <= seconds[best] * (1 + MARGIN):
+        return default
+    return best
+
+
+@torch.inference_mode()
+def _time(module: torch.nn.Module, x: torch.Tensor, device: torch.device) -> float:
+    best = float("inf")
+    for attempt in range(REPEATS + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        module(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if attempt:  # the first pass warms caches and allocators up
+            best = min(best, time.perf_counter() - started)
+    return best
+
+
+def _convolutions(model: ApogeeNet):
+    """Each residual convolution, folded, with the length of its input, in the plan's order."""
+    stem = model.first_conv.conv_layer
+    length = (N_PIXELS + 2 * stem.padding[0] - stem.kernel_size[0] + 1) // 2  # stem, then max-pool by 2
+    for block in model.res_blocks:
+        for conv, bn in ((block.conv1, block.bn1), (block.conv2, block.bn2)):
+            yield fold_conv(conv, bn), length
+            length = length + 2 * conv.padding[0] - conv.kernel_size[0] + 1
