@@ -78,6 +78,7 @@ def main() -> None:
         "mode": args.mode, "spectra": len(ids), "seconds": seconds, "spectra_per_s": len(ids) / seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(), "batch_size": warm.batch_size,
+        "plan": "the SDSS loop" if args.mode == "baseline" else warm.plan.label,
     }))
 
 

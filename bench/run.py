@@ -156,11 +156,15 @@ def report(described, rounds, exact_vs_baseline, costs, e2e, profiles) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     names = {"baseline": "(a) reference loop (baseline)",
-             "exact": "(b) engine, exact fp32 (residual blocks by FFT)",
-             "fast": "(c) engine, fast (draws with a bf16 head layer)"}
+             "exact": "(b) engine, exact fp32 (kernels measured at start-up)",
+             "fast": "(c) engine, fast (draws in bf16 where measured faster)"}
     for mode, run in engine_summary(rounds).items():
         lines.append(f"| {names[mode]} | {run['spectra']} | {run['per_s']:.2f} | {run['low']:.2f}–{run['high']:.2f}"
                      f" | {1 / run['per_s']:.3f} | {run['ratio']:.2f} | {run['peak_rss_mib']:.0f} |")
+    lines += ["", "The plan each engine process measured and ran (`engine.kernels: measure`), by round:", ""]
+    for mode in ("exact", "fast"):
+        plans = [r[mode].get("plan", "?") for r in rounds]
+        lines += [f"- {mode}: " + "; ".join(f"round {i + 1}: `{plan}`" for i, plan in enumerate(plans))]
     lines += [
         "",
         "Exact mode against the baseline on the same spectra and noise, largest relative difference of any "

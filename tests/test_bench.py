@@ -1,5 +1,7 @@
 """The benchmark's arithmetic: ratios against the baseline and fast mode's accuracy cost."""
 
+from pathlib import Path
+
 import numpy as np
 
 from bench.kafka_e2e import engine_share
@@ -55,3 +57,29 @@ def test_engine_share_is_later_chunks_engine_time_over_the_time_they_span():
                 for d in (0.0, 0.01)]
     assert abs(engine_share(arrivals) - (0.5000001 * 2 + 0.4999 * 2) / 2.5) < 1e-9
     assert engine_share(arrivals[:2]) is None  # one chunk: nothing to compare
+
+
+def test_the_gpu_benchmark_runs_on_a_cpu_in_seconds_with_torch_and_numpy_only(tmp_path):
+    """bench/gpu.py is the one prepared command for a GPU machine that has PyTorch and nothing
+    else: it must not import kafka-python, astropy, pyyaml or prometheus-client, and it runs the
+    same way with --device cpu (engine, pipeline, agreement with the reference loop)."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from bench.gpu import main\n"
+        f"code = main(['--device', 'cpu', '--network', 'small', '--spectra', '16', '--rounds', '1', '--out', {str(tmp_path)!r}])\n"
+        "extra = [m for m in ('kafka', 'astropy', 'yaml', 'prometheus_client') if m in sys.modules]\n"
+        "assert not extra, f'imported {extra}'\n"
+        "sys.exit(code)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    names = [row["measurement"] for row in report["rows"]]
+    assert names == ["engine alone, exact", "engine alone, fast", "in-process pipeline, exact, 20 draws",
+                     "in-process pipeline, exact, 0 draws", "exact on the device vs the reference on the CPU"]
+    assert report["rows"][-1]["agrees"] and report["rows"][0]["plan"].startswith("exact/cpu ")
+    assert all(rate > 0 for row in report["rows"][:4] for rate in row["spectra_per_s"])
+    assert "| engine alone, fast |" in (tmp_path / "gpu.md").read_text()

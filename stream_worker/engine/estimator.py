@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from stream_worker.config import EngineConfig
 from stream_worker.core.estimate import Estimate, failed, measured
 from stream_worker.core.labels import APOGEENET_III
 from stream_worker.core.records import Provenance
@@ -29,6 +29,9 @@ from stream_worker.engine.preprocess import network_inputs, noise_draws
 from stream_worker.engine.tuning import measured_plan
 from stream_worker.engine.uncertainty import summarise, unnormalise
 from stream_worker.engine.weights import DEMO_MODEL_NAME, load_model, random_model, resolve_device
+
+if TYPE_CHECKING:  # the engine runs without the config's YAML dependency (bench/gpu.py)
+    from stream_worker.config import EngineConfig
 
 log = logging.getLogger(__name__)
 

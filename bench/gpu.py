@@ -1,0 +1,171 @@
+"""The engine on a GPU machine, in one prepared command: ``python -m bench.gpu [--out DIR]``.
+
+Needs PyTorch and numpy only: no Java, no Kafka, no internet, no other package (the stream
+worker's modules on this path import neither kafka-python, astropy nor pyyaml). Measures, at 20
+Monte Carlo draws on the full-size network (random weights; speed does not depend on them):
+
+1. the engine alone in exact and fast mode: spectra/s, peak GPU memory, the plan it chose;
+2. the in-process pipeline (decode → validate → device preprocessing → network → records →
+   JSON, no Kafka): spectra/s, and the host CPU per spectrum at 20 draws and at 0 draws;
+3. agreement: exact-mode records on the device against the SDSS reference loop on the CPU, on
+   the same inputs and the same noise: the parameters to 1e-5 relative; the raw uncertainties,
+   spreads of 20 nearly equal numbers whose rounding the convolution algorithm changes, to 1e-4
+   (as tests/test_inference.py holds CPU FFT and direct sums to).
+
+``--device cpu --network small --spectra 16`` runs it in seconds (tests/test_bench.py). Prints
+one JSON object per measurement and writes ``gpu.json`` and ``gpu.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from devtools.samples import synthetic_spectra
+from devtools.sdss_reference import reference_estimate
+from stream_worker.core.records import KafkaSource, build_record
+from stream_worker.core.spectrum import Spectrum, validate_spectrum
+from stream_worker.engine.estimator import Estimator
+from stream_worker.engine.preprocess import noise_draws
+from stream_worker.engine.weights import random_model, resolve_device
+from stream_worker.io.serializers import serializer
+from stream_worker.io.wire import decode_input, encode_inline
+
+NETWORKS = {
+    "full": {},  # APOGEENet III, 72.6 M parameters
+    "small": dict(channels=(4, 8), kernel_size=30, pooled_length=16, linear_width=32, linear_layers=2),
+}
+AGREEMENT = {"parameters": (("teff", "logg", "fe_h"), 1e-5),
+             "raw uncertainties": (("raw_e_teff", "raw_e_logg", "raw_e_fe_h"), 1e-4)}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, host CPU seconds of this process) of ``function()``."""
+    synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    function()
+    synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def engine_alone(model, device, precision: str, flux, ivar, ids, rounds: int) -> dict:
+    engine = Estimator(model, num_draws=20, seed=0, device=device, precision=precision)
+    engine.estimate(flux[:8], ivar[:8], ids[:8])  # warm-up: allocator, cuDNN autotuning
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    walls = [timed(lambda: engine.estimate(flux, ivar, ids), device)[0] for _ in range(rounds)]
+    return {
+        "measurement": f"engine alone, {precision}", "spectra": len(ids), "draws": 20,
+        "spectra_per_s": [round(len(ids) / w, 1) for w in walls],
+        "peak_gpu_mib": round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
+        "plan": engine.plan.label,
+    }
+
+
+def pipeline(model, device, draws: int, messages: list[bytes], rounds: int) -> dict:
+    """The worker's per-message work without Kafka: the same modules the stream runs."""
+    engine = Estimator(model, num_draws=draws, seed=0, device=device)
+    provenance, encode = engine.provenance, serializer("json").encode
+
+    def run(values: list[bytes]) -> list[bytes]:
+        spectra = [validate_spectrum(decode_input(value)) for value in values]
+        estimates = engine.estimate(np.stack([s.flux for s in spectra]), [s.ivar for s in spectra],
+                                    [s.spectrum_id for s in spectra])
+        return [encode(build_record(s, e, provenance, KafkaSource("in", 0, i, 0)))
+                for i, (s, e) in enumerate(zip(spectra, estimates))]
+
+    run(messages[:8])
+    results = [timed(lambda: run(messages), device) for _ in range(rounds)]
+    return {
+        "measurement": f"in-process pipeline, exact, {draws} draws", "spectra": len(messages), "draws": draws,
+        "spectra_per_s": [round(len(messages) / wall, 1) for wall, _ in results],
+        "host_cpu_ms_per_spectrum": [round(1000 * cpu / len(messages), 3) for _, cpu in results],
+    }
+
+
+def agreement(model, device, flux, ivar, ids) -> dict:
+    """Exact-mode records on ``device`` against the one-at-a-time reference on the CPU, fed the
+    noise the device drew (CUDA and CPU generators draw different numbers)."""
+    estimates = Estimator(model, num_draws=20, seed=0, device=device).estimate(flux, ivar, ids)
+    cpu_model = model.to("cpu")
+    worst = dict.fromkeys(AGREEMENT, 0.0)
+    for i, estimate in enumerate(estimates):
+        noise = noise_draws(ids[i], 0, 20, flux.shape[1], device).cpu()
+        with torch.no_grad():
+            expected = reference_estimate(cpu_model, flux[i], ivar[i], noise)
+        for group, (names, _) in AGREEMENT.items():
+            worst[group] = max(worst[group], *(abs(getattr(estimate, k) - expected[k]) / abs(expected[k]) for k in names))
+    return {"measurement": "exact on the device vs the reference on the CPU", "spectra": len(ids),
+            "worst_relative_difference": worst, "limits": {g: limit for g, (_, limit) in AGREEMENT.items()},
+            "agrees": all(worst[g] <= limit for g, (_, limit) in AGREEMENT.items())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
+    parser.add_argument("--network", choices=sorted(NETWORKS), default="full")
+    parser.add_argument("--spectra", type=int, default=2048, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--agreement-spectra", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    model = random_model(device=device, seed=0, **NETWORKS[args.network])
+    flux, ivar = synthetic_spectra(64, seed=1)
+    pick = np.arange(args.spectra) % len(flux)
+    flux, ivar = flux[pick], ivar[pick]
+    ids = [f"gpu-bench-{i}" for i in range(args.spectra)]
+    messages = [encode_inline(Spectrum(ids[i], flux[i], ivar[i])) for i in range(args.spectra)]
+    rows = [
+        engine_alone(model, device, "exact", flux, ivar, ids, args.rounds),
+        engine_alone(model, device, "fast", flux, ivar, ids, args.rounds),
+        pipeline(model, device, 20, messages, args.rounds),
+        pipeline(model, device, 0, messages, args.rounds),
+    ]
+    n = args.agreement_spectra
+    rows.append(agreement(model, device, flux[:n], ivar[:n], ids[:n]))
+    machine = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "network": args.network,
+        "host_threads": torch.get_num_threads(),
+        "peak_host_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    (args.out / "gpu.md").write_text(markdown(machine, rows))
+    return 0 if rows[-1]["agrees"] else 1
+
+
+def markdown(machine: dict, rows: list[dict]) -> str:
+    lines = [f"Device: {machine['device']}, torch {machine['torch']} (CUDA {machine['cuda']}), network "
+             f"{machine['network']}, {machine['host_threads']} host threads.", "",
+             "| measurement | spectra | spectra/s (rounds) | host CPU ms/spectrum | peak GPU MiB | plan |",
+             "|---|---|---|---|---|---|"]
+    for row in rows[:-1]:
+        lines.append(f"| {row['measurement']} | {row['spectra']} | {', '.join(map(str, row['spectra_per_s']))} | "
+                     f"{', '.join(map(str, row.get('host_cpu_ms_per_spectrum', []))) or '—'} | "
+                     f"{row.get('peak_gpu_mib') or '—'} | {row.get('plan', '—')} |")
+    check = rows[-1]
+    worst = "; ".join(f"{group} {value:.2e} (limit {check['limits'][group]:.0e})"
+                      for group, value in check["worst_relative_difference"].items())
+    lines += ["", f"{check['measurement']}, worst relative difference over {check['spectra']} spectra: {worst}: "
+                  f"{'agrees' if check['agrees'] else 'DISAGREES'}.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
