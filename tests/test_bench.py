@@ -34,7 +34,7 @@ def test_max_relative_difference(tmp_path):
 def test_report_states_the_ratio_to_the_baseline_measured_in_the_same_run():
     """Medians over interleaved rounds, and the ratio of each round to its own baseline: with the
     machine twice as fast in the second round, the ratios stay 2 and 4."""
-    rounds = [{mode: {"spectra": 12, "spectra_per_s": speed * rate, "peak_rss_mib": 1000.0 + speed}
+    rounds = [{mode: {"spectra": 12, "spectra_per_s": speed * rate, "peak_rss_mib": 1000.0 + speed, "plan": f"p{speed}"}
                for mode, rate in (("baseline", 2.0), ("exact", 4.0), ("fast", 8.0))} for speed in (1, 2, 1.5)]
     e2e = {"exact": {"engine_alone_per_s": 4.0, "backlog": {"spectra_per_s": 3.8, "engine_share": 0.987},
                      "paced": {"latency_p50_s": 10.0, "latency_p99_s": 20.0},
@@ -42,12 +42,13 @@ def test_report_states_the_ratio_to_the_baseline_measured_in_the_same_run():
     costs = {"demo": {k: (0.0, 0.0) for k in ("teff", "logg", "fe_h")} | {
         k: (0.004, 0.03) for k in ("e_teff", "e_logg", "e_fe_h")}}
     text = report("test machine", rounds, {"random": 1e-7, "trained": 2e-6}, costs, e2e, {"exact": "table"})
-    exact, fast = "(b) engine, exact fp32 (residual blocks by FFT)", "(c) engine, fast (draws with a bf16 head layer)"
+    exact, fast = "(b) engine, exact fp32 (kernels measured at start-up)", "(c) engine, fast (draws in bf16 where measured faster)"
     assert f"| {exact} | 12 | 6.00 | 4.00–8.00 | 0.167 | 2.00 | 1002 |" in text
     assert f"| {fast} | 12 | 12.00 | 8.00–16.00 | 0.083 | 4.00 | 1002 |" in text
     assert "| demo | " + " | ".join(3 * ["0.000 / 0.000"] + 3 * ["0.004 / 0.030"]) + " |" in text
     assert "| exact | 4.00 | 3.80 | 95% | 99% | 10.0 | 20.0 | 1200 | 3000 |" in text
     assert "test machine" in text and "random: 1.0e-07; trained: 2.0e-06" in text
+    assert "- fast: round 1: `p1`; round 2: `p2`; round 3: `p1.5`" in text
 
 
 def test_engine_share_is_later_chunks_engine_time_over_the_time_they_span():
