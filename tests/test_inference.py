@@ -324,3 +324,14 @@ def test_a_pinned_plan_is_used_as_given_and_checked_against_the_mode(tiny_model,
         Estimator(tiny_model, kernels="exact/cuda clean=draws: convs direct-f32x2 head f32")
     with pytest.raises(ValueError, match="not a precision plan"):
         Estimator(tiny_model, kernels="fastest please")
+
+
+def test_kernels_are_measured_for_a_head_without_hidden_layers(spectra):
+    """The I/O benchmark's trivial network has a single linear layer as its whole head."""
+    from stream_worker.engine.weights import random_model
+
+    model = random_model(device="cpu", seed=2, channels=(2, 2), kernel_size=4, pooled_length=4, linear_width=4,
+                         linear_layers=0)
+    flux, ivar = spectra
+    engine = Estimator(model, num_draws=0, precision="fast")
+    assert engine.plan.draws.head in ("f32", "bf16") and engine.estimate(flux[:1], ivar[:1])[0].teff > 0

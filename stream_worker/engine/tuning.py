@@ -71,7 +71,7 @@ def _fastest(model: ApogeeNet, device: torch.device, rows: int, conv_choices: li
         x = torch.rand(rows, conv.in_channels, 1, length, device=device).contiguous(memory_format=torch.channels_last)
         convs.append(_choose(allowed, rule.convs[index], build, x, device, timings, ("conv", index)))
     first = model.linear_sequential[0]
-    features = torch.rand(HEAD_ROWS, first.linear_layer.in_features, device=device)
+    features = torch.rand(HEAD_ROWS, model.sizes.channels[-1] * model.sizes.pooled_length, device=device)
     head = _choose(head_choices, rule.head, lambda form: InBFloat16(copy.deepcopy(first)) if form == "bf16" else first,
                    features, device, timings, ("head",))
     return NetworkForm(tuple(convs), head)
