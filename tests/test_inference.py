@@ -281,12 +281,12 @@ def test_exact_mode_turns_tf32_off():
 
 def test_the_plan_follows_the_device_and_the_network():
     """FFT only on CPUs and only where measured to pay (30 taps, 4x8 channels and wider); fast
-    mode's bfloat16 only in the draws and only in the last two blocks' direct convolutions."""
+    mode's bfloat16 only in the draws' head."""
     from stream_worker.engine.precision import MODES
 
     full = ((4, 8, 16, 32, 64), 30)
     assert MODES["exact"].plan("cuda", *full).label == "exact/cuda clean=draws: convs direct-f32x8 head f32"
-    assert MODES["fast"].plan("cuda", *full).draws.label() == "convs direct-f32x4,direct-bf16x4 head bf16"
+    assert MODES["fast"].plan("cuda", *full).draws.label() == "convs direct-f32x8 head bf16"
     assert MODES["fast"].plan("cuda", *full).clean == MODES["exact"].plan("cuda", *full).clean
     assert MODES["exact"].plan("cpu", (2, 3, 5), 30).clean.convs == ("direct-f32",) * 4
     assert MODES["exact"].plan("cpu", (2, 8, 8), 30).clean.convs == ("direct-f32", "fft-f32", "fft-f32", "fft-f32")
@@ -314,12 +314,14 @@ def test_kernels_are_measured_once_per_process_and_stay_within_the_mode(tiny_mod
 
 def test_a_pinned_plan_is_used_as_given_and_checked_against_the_mode(tiny_model, spectra):
     flux, ivar = spectra
-    label = "fast/cpu clean: convs direct-f32x2 head f32; draws: convs fft-f32x1,direct-bf16x1 head bf16"
+    label = "fast/cpu clean: convs direct-f32x2 head f32; draws: convs fft-f32x1,direct-f32x1 head bf16"
     pinned = Estimator(tiny_model, num_draws=4, precision="fast", kernels=label)
     assert pinned.plan.label == label
     assert records_of(pinned, flux[:1], ivar[:1], ["q"])[0]["engine_plan"] == label
-    with pytest.raises(ValueError, match="'direct-bf16' is not allowed in exact mode"):
-        Estimator(tiny_model, precision="exact", kernels="exact/cpu clean=draws: convs direct-bf16x2 head f32")
+    with pytest.raises(ValueError, match="'bf16' is not allowed in exact mode"):
+        Estimator(tiny_model, precision="exact", kernels="exact/cpu clean=draws: convs direct-f32x2 head bf16")
+    with pytest.raises(ValueError, match="unknown layer forms"):
+        Estimator(tiny_model, precision="fast", kernels="fast/cpu clean=draws: convs direct-bf16x2 head f32")
     with pytest.raises(ValueError, match="the pinned plan is for cuda"):
         Estimator(tiny_model, kernels="exact/cuda clean=draws: convs direct-f32x2 head f32")
     with pytest.raises(ValueError, match="not a precision plan"):

@@ -5,8 +5,8 @@ Same function, less work: each BatchNorm (eval mode: a fixed affine map) is fold
 convolution before it; the convolutions run as ``(1 x k)`` 2-D convolutions in channels-last
 layout, which oneDNN executes markedly faster on CPUs; a residual convolution whose form is
 ``fft-f32`` is computed by FFT (overlap-save), which needs several times fewer multiplications
-than the direct sum and agrees with it to float32 rounding; ``direct-bf16`` convolutions and a
-``bf16`` head run in bfloat16 between float32 activations. The residual stream, the input scaling,
+than the direct sum and agrees with it to float32 rounding; a ``bf16`` head's first layer runs
+in bfloat16 between float32 activations. The residual stream, the input scaling,
 the first convolution and the pooling stay float32 in every form (tests/test_fused.py). Which
 form each layer takes is the precision plan's decision, not this module's.
 """
@@ -97,7 +97,7 @@ def conv_as(conv: nn.Conv2d, form: str) -> nn.Module:
     """The folded ``conv`` as it runs in ``form`` (one of the plan's ``CONV_FORMS``)."""
     if form == "fft-f32":
         return SpectralConv(conv)
-    return InBFloat16(conv) if form == "direct-bf16" else conv
+    return conv
 
 
 class FusedResBlock(nn.Module):

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CONV_FORMS = ("fft-f32", "direct-f32", "direct-bf16")
-"""A residual convolution by FFT (overlap-save, float32), or a direct sum in float32 or bfloat16."""
+CONV_FORMS = ("fft-f32", "direct-f32")
+"""A residual convolution by FFT (overlap-save, float32) or by direct sums in float32. Direct
+bfloat16 convolutions were a form too, and the fastest on an AMX CPU (5.8x the reference loop
+in fast mode against 3.0x), but on the trained demonstration model they moved the Monte Carlo
+uncertainties by a median 22-140% of themselves there (a draw's perturbations are smaller than
+bfloat16's rounding of the activations): they broke fast mode's accuracy rule, so no mode has them."""
 
 HEAD_FORMS = ("f32", "bf16")
 """The dense head's first layer (65536 x 1024 in APOGEENet III) in float32 or bfloat16."""
@@ -26,8 +30,6 @@ HEAD_FORMS = ("f32", "bf16")
 # block (3.0 vs 7.5 ms per row; 4.1 in direct bfloat16). Short kernels and narrow channels stay direct.
 FFT_MIN_TAPS = 16
 FFT_MIN_CHANNEL_PRODUCT = 32
-REDUCED_BLOCKS = 2
-"""Reduced precision may touch only the last residual blocks (~95% of the convolutions' arithmetic)."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class NetworkForm:
             raise ValueError(f"unknown layer forms {unknown}: convolutions take {CONV_FORMS}, the head {HEAD_FORMS}")
 
     def label(self) -> str:
-        """Runs of equal forms compressed: ``convs fft-f32x6,direct-bf16x2 head bf16``."""
+        """Runs of equal forms compressed: ``convs direct-f32x2,fft-f32x6 head bf16``."""
         runs: list[list] = []
         for form in self.convs:
             if runs and runs[-1][0] == form:
@@ -85,40 +87,30 @@ class PrecisionPlan:
 
 @dataclass(frozen=True)
 class PrecisionMode:
-    """A named rule. ``reduced_draws``: the Monte Carlo draws may run the head's first layer and
-    the last blocks' direct convolutions in bfloat16 (the clean pass never does, so the reported
-    values are the exact mode's, bit for bit)."""
+    """A named rule. ``reduced_draws``: the Monte Carlo draws may run the head's first layer in
+    bfloat16 (the clean pass never does, so the reported values are the exact mode's, bit for bit)."""
 
     name: str
     description: str
     reduced_draws: bool
 
     def plan(self, device_type: str, channels: tuple[int, ...], kernel_size: int, fft: bool = True) -> PrecisionPlan:
-        """The plan for a network of these sizes on ``device_type`` (``cpu``, ``cuda``). ``fft``:
-        allow FFT convolutions where they were measured to pay (CPUs only)."""
+        """The fixed-rule plan for a network of these sizes on ``device_type`` (``cpu``, ``cuda``):
+        FFT where it was measured to pay on a 2-core EPYC (CPUs only, and ``fft``), else direct."""
         use_fft = fft and device_type == "cpu"
-        shapes = [(c_in, c_out) for c_in, c_out in zip(channels, channels[1:])]
-        first_reduced = len(shapes) - REDUCED_BLOCKS
 
-        def form(in_channels: int, out_channels: int, block: int, reduced: bool) -> str:
-            if use_fft and kernel_size >= FFT_MIN_TAPS and in_channels * out_channels >= FFT_MIN_CHANNEL_PRODUCT:
-                return "fft-f32"
-            return "direct-bf16" if reduced and block >= first_reduced else "direct-f32"
+        def form(in_channels: int, out_channels: int) -> str:
+            fits = kernel_size >= FFT_MIN_TAPS and in_channels * out_channels >= FFT_MIN_CHANNEL_PRODUCT
+            return "fft-f32" if use_fft and fits else "direct-f32"
 
-        def network(reduced: bool) -> NetworkForm:
-            convs = tuple(f for block, (c_in, c_out) in enumerate(shapes)
-                          for f in (form(c_in, c_out, block, reduced), form(c_out, c_out, block, reduced)))
-            return NetworkForm(convs, "bf16" if reduced else "f32")
-
-        return PrecisionPlan(self.name, device_type, network(False), network(self.reduced_draws))
+        convs = tuple(f for c_in, c_out in zip(channels, channels[1:]) for f in (form(c_in, c_out), form(c_out, c_out)))
+        clean = NetworkForm(convs, "f32")
+        return PrecisionPlan(self.name, device_type, clean, NetworkForm(convs, "bf16") if self.reduced_draws else clean)
 
     def choices(self, channels: tuple[int, ...], fft: bool = True, reduced: bool = False) -> tuple[list, tuple]:
         """The forms this mode allows each convolution (in order) and the head, for the clean
         network or (``reduced``) the draws network: what a measurement may choose between."""
-        base = ("fft-f32", "direct-f32") if fft else ("direct-f32",)
-        blocks = len(channels) - 1
-        convs = [base + (("direct-bf16",) if reduced and self.reduced_draws and block >= blocks - REDUCED_BLOCKS else ())
-                 for block in range(blocks) for _ in (1, 2)]
+        convs = [("fft-f32", "direct-f32") if fft else ("direct-f32",)] * (2 * (len(channels) - 1))
         return convs, (("f32", "bf16") if reduced and self.reduced_draws else ("f32",))
 
     def check(self, plan: PrecisionPlan, channels: tuple[int, ...], fft: bool = True) -> PrecisionPlan:
@@ -145,7 +137,7 @@ MODES = {
         PrecisionMode("exact", "every layer in float32 (TF32 off on GPUs): within float32 rounding of the "
                                "reference loop", reduced_draws=False),
         PrecisionMode("fast", "the clean pass as in exact mode; the Monte Carlo draws with the head's first "
-                              "layer and the last blocks' direct convolutions in bfloat16", reduced_draws=True),
+                              "layer in bfloat16", reduced_draws=True),
     )
 }
 

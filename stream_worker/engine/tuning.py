@@ -1,9 +1,9 @@
 """Kernels chosen by measurement, on the device the engine runs on, when it starts.
 
 Which form of a convolution is fastest depends on the machine: on a 2-core EPYC without AMX the
-FFT beat direct float32 sums 2.5x in the last block and direct bfloat16 too, while on a
-Sapphire-Rapids-class CPU with AMX direct bfloat16 in the last two blocks plus the bfloat16 head
-took 0.064 s per 21-row spectrum against 0.107 s for the FFT plan. So for each convolution and
+FFT beat direct float32 sums in every residual block (2.5x in the last), while on a 2-core Xeon
+with AMX the direct sums won in the first two blocks and the FFT in the last two (BENCHMARKS.md).
+So for each convolution and
 the head, every form the precision mode allows is timed for a few passes of the engine's real
 shapes (``trunk_rows`` rows of the layer's input), and the fastest is used; the mode's rule-based
 form is kept unless another is more than :data:`MARGIN` faster, so that noise does not flip the
@@ -58,7 +58,10 @@ def measured_plan(model: ApogeeNet, mode: PrecisionMode, device: torch.device, t
         return _MEASURED[key]
 
     clean = measure("clean", False, rule.clean)
-    draws = measure(f"{mode.name} draws", True, rule.draws) if mode.reduced_draws else clean
+    draws = clean
+    if mode.reduced_draws:  # the draws' convolutions are the clean pass's forms; only the head may differ
+        head = measure(f"{mode.name} draws", True, rule.draws).head
+        draws = NetworkForm(clean.convs, head)
     return PrecisionPlan(mode.name, device.type, clean, draws)
 
 
