@@ -261,12 +261,11 @@ def _check_kernels(value: str) -> None:
 
 
 def _check_result_format(name: str) -> None:
-    from stream_worker.io.serializers import FORMATS, serializer
+    from stream_worker.io.serializers import FORMATS, message_formats, serializer
 
-    if name not in FORMATS or serializer(name).encode is None:
-        streamable = [n for n in FORMATS if serializer(n).encode is not None]
+    if name not in FORMATS or serializer(name).encode is None:  # imports only the named format's module
         raise ConfigError(f"kafka.result_format: must be a format that encodes one record per message "
-                          f"({', '.join(streamable)}), found {name!r}")
+                          f"({', '.join(message_formats())}), found {name!r}")
 
 
 def load_config(path: str | os.PathLike | None = None, environ: typing.Mapping[str, str] | None = None) -> Config:

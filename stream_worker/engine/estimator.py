@@ -170,15 +170,15 @@ class Estimator:
 
         def stage(start: int):
             """Queues the chunk's copies on the side stream; returns its tensors and an event."""
-            chunk = ivar[start : start + step]
+            chunk = [_native(row) for row in ivar[start : start + step]]
             with torch.cuda.stream(copies):
                 tensors = {"flux": _pinned(flux[start : start + step]).to(self.device, non_blocking=True)}
                 by_dtype: dict[np.dtype, list[int]] = {}
                 for i, row in enumerate(chunk):
-                    by_dtype.setdefault(_native(row).dtype, []).append(i)
+                    by_dtype.setdefault(row.dtype, []).append(i)
                 rows: list = [None] * len(chunk)
                 for dtype, indices in by_dtype.items():
-                    group = _pinned(np.stack([_native(chunk[i]) for i in indices])).to(self.device, non_blocking=True)
+                    group = _pinned(np.stack([chunk[i] for i in indices])).to(self.device, non_blocking=True)
                     tensors[str(dtype)] = group
                     for j, i in enumerate(indices):
                         rows[i] = group[j]

@@ -33,54 +33,70 @@ MARGIN = 0.05
 REPEATS = 3
 """Timed passes per form (after one warm-up pass); the fastest counts."""
 
-_MEASURED: dict[tuple, NetworkForm] = {}
+_MEASURED: dict[tuple, object] = {}
 _TIMINGS: dict[tuple, dict] = {}
 
 
 def measured_plan(model: ApogeeNet, mode: PrecisionMode, device: torch.device, trunk_rows: int,
                   fft: bool = True) -> PrecisionPlan:
     """The plan of ``mode`` for ``model`` on ``device`` whose every layer took the least time.
-    The clean network is measured once for every mode (its forms are the same in all), so fast
-    mode reports exact mode's values bit for bit in one process, as with fixed rules."""
+    The convolutions are measured once for every mode (their allowed forms are the same in all,
+    and the draws run the clean pass's), so fast mode reports exact mode's values bit for bit in
+    one process, as with fixed rules; a mode that reduces the draws has their head measured."""
     sizes = model.sizes
     network = (str(device), sizes, trunk_rows, fft, torch.get_num_threads())
     rule = mode.plan(device.type, sizes.channels, sizes.kernel_size, fft=fft)
     timings = _TIMINGS.setdefault(network, {})
 
-    def measure(part: str, reduced: bool, default: NetworkForm) -> NetworkForm:
+    def measured(part: str, measure):
         key = (*network, part)
         if key not in _MEASURED:
             started = time.perf_counter()
-            _MEASURED[key] = _fastest(model, device, trunk_rows, *mode.choices(sizes.channels, fft, reduced),
-                                      default, timings)
-            log.info("kernels measured in %.1f s on %s for the %s network: %s", time.perf_counter() - started,
-                     device, part, _MEASURED[key].label())
+            _MEASURED[key] = measure()
+            log.info("kernels measured in %.1f s on %s, %s: %s", time.perf_counter() - started, device, part,
+                     _MEASURED[key])
         return _MEASURED[key]
 
-    clean = measure("clean", False, rule.clean)
+    conv_choices, _ = mode.choices(sizes.channels, fft)
+    convs = measured("convolutions", lambda: _fastest_convs(model, device, trunk_rows, conv_choices,
+                                                            rule.clean.convs, timings))
+    clean = NetworkForm(convs, rule.clean.head)
     draws = clean
-    if mode.reduced_draws:  # the draws' convolutions are the clean pass's forms; only the head may differ
-        head = measure(f"{mode.name} draws", True, rule.draws).head
-        draws = NetworkForm(clean.convs, head)
+    if mode.reduced_draws:
+        _, head_choices = mode.choices(sizes.channels, fft, reduced=True)
+        head = measured(f"{mode.name} draws' head",
+                        lambda: _fastest_head(model, device, head_choices, rule.draws.head, timings))
+        draws = NetworkForm(convs, head)
     return PrecisionPlan(mode.name, device.type, clean, draws)
 
 
-def _fastest(model: ApogeeNet, device: torch.device, rows: int, conv_choices: list, head_choices: tuple,
-             rule: NetworkForm, timings: dict) -> NetworkForm:
+def _fastest_convs(model: ApogeeNet, device: torch.device, rows: int, choices: list, rule: tuple,
+                   timings: dict) -> tuple[str, ...]:
     convs = []
-    for index, (allowed, (conv, length)) in enumerate(zip(conv_choices, _convolutions(model))):
+    for index, (allowed, (conv, length)) in enumerate(zip(choices, _convolutions(model))):
         def build(form: str, conv=conv):
             return conv_as(conv, form)
-        x = torch.rand(rows, conv.in_channels, 1, length, device=device).contiguous(memory_format=torch.channels_last)
-        convs.append(_choose(allowed, rule.convs[index], build, x, device, timings, ("conv", index)))
+
+        def sample(conv=conv, length=length):
+            return torch.rand(rows, conv.in_channels, 1, length, device=device).contiguous(
+                memory_format=torch.channels_last)
+        convs.append(_choose(allowed, rule[index], build, sample, device, timings, ("conv", index)))
+    return tuple(convs)
+
+
+def _fastest_head(model: ApogeeNet, device: torch.device, choices: tuple, rule: str, timings: dict) -> str:
     first = model.linear_sequential[0]
-    features = torch.rand(HEAD_ROWS, model.sizes.channels[-1] * model.sizes.pooled_length, device=device)
-    head = _choose(head_choices, rule.head, lambda form: InBFloat16(copy.deepcopy(first)) if form == "bf16" else first,
-                   features, device, timings, ("head",))
-    return NetworkForm(tuple(convs), head)
+    return _choose(choices, rule, lambda form: InBFloat16(copy.deepcopy(first)) if form == "bf16" else first,
+                   lambda: torch.rand(HEAD_ROWS, model.sizes.channels[-1] * model.sizes.pooled_length, device=device),
+                   device, timings, ("head",))
 
 
-def _choose(allowed, default: str, build, x: torch.Tensor, device: torch.device, timings: dict, where: tuple) -> str:
+def _choose(allowed, default: str, build, sample, device: torch.device, timings: dict, where: tuple) -> str:
+    """The fastest of the ``allowed`` forms on input ``sample()``; nothing is timed when there is
+    no choice."""
+    if len(allowed) == 1:
+        return allowed[0]
+    x = sample()
     seconds = {}
     for form in allowed:
         if (where, form) not in timings:
