@@ -9,8 +9,9 @@ lints the Dockerfile. A test skips, naming the missing tool, only when that tool
 
 Beyond syntax, the manifests are checked against the worker itself: the env overrides load
 with stream_worker.config, the container's arguments parse with the CLI, every metric the
-rules and the dashboard query exists in stream_worker.streaming.metrics, and topic sizes, partition
-counts and autoscaler limits agree with config.yaml.
+rules and the dashboard query exists in stream_worker.streaming.metrics, topic sizes, partition
+counts and autoscaler limits agree with config.yaml, and the NVIDIA device plugin's GPU sharing
+config agrees with what the shared-GPU pods request and with docs/deployment.md.
 
 ``python -m tests.test_deployment`` rewrites k8s/prometheus/prometheusrule.yaml from
 k8s/prometheus/stream-worker-rules.yml.
@@ -41,12 +42,15 @@ RULES_TEST_FILE = K8S / "prometheus" / "stream-worker-rules.test.yml"
 PROMETHEUSRULE_FILE = K8S / "prometheus" / "prometheusrule.yaml"
 DASHBOARD_FILE = K8S / "grafana" / "stream-worker-dashboard.json"
 BASE_CONFIG = K8S / "base" / "config.yaml"
+DEVICE_PLUGIN = "components/gpu-shared/device-plugin"  # the NVIDIA device plugin's sharing config
+DEPLOYMENT_DOC = REPO / "docs" / "deployment.md"
 
 CACHE = Path(os.environ.get("STREAM_WORKER_CACHE", Path.home() / ".cache" / "stream_worker"))
 DEPLOY_TOOLS = CACHE / "deploy-tools"  # scripts/install-deploy-tools puts kustomize and the npm models here
 
-OVERLAYS = ("gpu", "cpu", "hpa")
-KUSTOMIZATIONS = tuple(f"overlays/{o}" for o in OVERLAYS) + ("kafka-topics",)
+OVERLAYS = ("gpu", "cpu", "hpa", "gpu-shared")
+GPU_RESOURCE = {"gpu": "nvidia.com/gpu", "hpa": "nvidia.com/gpu", "gpu-shared": "nvidia.com/gpu.shared"}
+KUSTOMIZATIONS = tuple(f"overlays/{o}" for o in OVERLAYS) + ("kafka-topics", DEVICE_PLUGIN)
 # Kubernetes versions the manifests must be valid for (schemas shipped by kubernetes-validate).
 K8S_VERSIONS = ("1.30.0", "1.34.0")
 BUILTIN_GROUPS = {"v1", "apps/v1", "policy/v1", "autoscaling/v2"}
@@ -208,6 +212,10 @@ def test_every_kustomization_renders(kustomization):
     kinds = sorted(doc["kind"] for doc in docs)
     if kustomization == "kafka-topics":
         assert kinds == ["KafkaTopic"] * 3
+    elif kustomization == DEVICE_PLUGIN:
+        assert kinds == ["ConfigMap"]
+        assert docs[0]["metadata"] == {"name": "device-plugin-config", "namespace": "gpu-operator",
+                                       "labels": {"app.kubernetes.io/part-of": "apogee-streaming"}}
     else:
         autoscaler = "HorizontalPodAutoscaler" if kustomization.endswith("hpa") else "ScaledObject"
         assert kinds == sorted(["ConfigMap", "ConfigMap", "Deployment", "PersistentVolumeClaim", "PodDisruptionBudget",
@@ -302,7 +310,11 @@ def test_the_pod_environment_loads_as_a_valid_config(overlay):
     overrides = {k: v for k, v in plain.items() if k.startswith(ENV_PREFIX)}
     assert all(re.fullmatch(r"STREAM_WORKER__[A-Z_]+__[A-Z_]+", k) for k in overrides), overrides
     config = load_config(BASE_CONFIG, environ=overrides)
-    assert config.engine.device == {"gpu": "cuda", "cpu": "cpu", "hpa": "cuda"}[overlay]
+    assert config.engine.device == {"gpu": "cuda", "cpu": "cpu", "hpa": "cuda", "gpu-shared": "cuda"}[overlay]
+    if overlay in ("cpu", "gpu-shared"):  # pods that share a node's cores: torch threads = the CPU limit
+        assert config.engine.num_threads == int(container(render(f"overlays/{overlay}"))["resources"]["limits"]["cpu"])
+    # A GPU that other pods are busy on is no place to time the kernels at start-up.
+    assert config.engine.kernels == ("rules" if overlay == "gpu-shared" else "measure")
     assert config.engine.weights.startswith("/models/")
     assert config.metrics.port == 9108
     # The SASL password: only from the optional Secret, never a literal.
@@ -364,12 +376,71 @@ def test_gpu_overlays_ask_for_one_gpu_and_the_cpu_overlay_for_none(overlay):
     docs = render(f"overlays/{overlay}")
     c = container(docs)
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
-    if overlay in ("gpu", "hpa"):
-        assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    if overlay in GPU_RESOURCE:
+        # One whole GPU, or one shared slice of one (never both).
+        gpu = {k: v for k, v in c["resources"]["limits"].items() if k.startswith("nvidia.com/")}
+        assert gpu == {GPU_RESOURCE[overlay]: "1"}
+        assert not any(k.startswith("nvidia.com/") for k in c["resources"]["requests"])
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     else:
         assert "nvidia.com/gpu" not in json.dumps(pod)
         assert c["resources"]["requests"]["cpu"] == c["resources"]["limits"]["cpu"]
+
+
+def device_plugin_configs() -> dict[str, dict]:
+    """The NVIDIA device plugin's configs, by node label value, as the plugin would read them."""
+    (config_map,) = render(DEVICE_PLUGIN)
+    return {key: yaml.safe_load(text) for key, text in config_map["data"].items()}
+
+
+def test_the_device_plugin_config_shares_gpus_as_the_shared_resource_the_pods_ask_for():
+    """A node labelled nvidia.com/device-plugin.config=<key> advertises each GPU `replicas` times
+    as nvidia.com/gpu.shared, the resource the gpu-shared overlay's pods request one of."""
+    configs = device_plugin_configs()
+    assert set(configs) == {"default", "stream-worker-time-slicing", "stream-worker-mps"}
+    for key in configs:  # node label values
+        assert re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", key), key
+    # Unlabelled nodes: the plugin's fallback key "default", no sharing (whole GPUs, overlay gpu).
+    assert configs["default"] == {"version": "v1"}
+    time_slicing = configs["stream-worker-time-slicing"]
+    mps = configs["stream-worker-mps"]
+    assert set(time_slicing) == set(mps) == {"version", "sharing"}
+    assert time_slicing["version"] == mps["version"] == "v1"
+    assert set(time_slicing["sharing"]) == {"timeSlicing"} and set(mps["sharing"]) == {"mps"}
+    sliced, spaced = time_slicing["sharing"]["timeSlicing"], mps["sharing"]["mps"]
+    assert sliced == {"renameByDefault": True, "failRequestsGreaterThanOne": True, "resources": sliced["resources"]}
+    assert spaced == sliced, "time-slicing and MPS: the same resource name, replicas and request rule"
+    (resource,) = sliced["resources"]
+    assert set(resource) == {"name", "replicas"} and resource["name"] == "nvidia.com/gpu"
+    replicas = resource["replicas"]
+    assert isinstance(replicas, int) and replicas >= 2
+    # renameByDefault: the plugin advertises <name>.shared, which is what the pods ask for, one each
+    # (failRequestsGreaterThanOne refuses more).
+    limits = container(render("overlays/gpu-shared"))["resources"]["limits"]
+    assert f"{resource['name']}.shared" == GPU_RESOURCE["gpu-shared"] and limits[GPU_RESOURCE["gpu-shared"]] == "1"
+    # More slices per GPU than KEDA may ever start workers would only strand them.
+    assert replicas <= one(render("overlays/gpu-shared"), "ScaledObject")["spec"]["maxReplicaCount"]
+    # The docs state the same number, the label values and the resource name.
+    doc = " ".join(DEPLOYMENT_DOC.read_text().split())
+    stated = [re.findall(pattern, doc) for pattern in (
+        r"ships with `replicas: (\d+)`", r"nvidia\.com/gpu\.shared: (\d+) per GPU", r"`nvidia\.com/gpu\.replicas=(\d+)`")]
+    assert stated == [[str(replicas)]] * 3, f"docs/deployment.md says replicas {stated}, the ConfigMap has {replicas}"
+    for needle in ("nvidia.com/device-plugin.config=stream-worker-time-slicing", "stream-worker-mps",
+                   "nvidia.com/gpu.shared", "k8s/overlays/gpu-shared", "devicePlugin.config",
+                   "the overlap benchmark", "host cost"):
+        assert needle in doc, f"docs/deployment.md does not mention {needle}"
+
+
+def test_the_shared_gpu_overlay_is_the_gpu_overlay_but_for_the_gpu_request_and_the_engine_settings():
+    exclusive, shared = one(render("overlays/gpu"), "Deployment"), one(render("overlays/gpu-shared"), "Deployment")
+    exclusive, shared = json.loads(json.dumps(exclusive)), json.loads(json.dumps(shared))
+    for deployment, resource in ((exclusive, "nvidia.com/gpu"), (shared, "nvidia.com/gpu.shared")):
+        c = deployment["spec"]["template"]["spec"]["containers"][0]
+        del c["resources"]["limits"][resource]
+        c["env"] = [e for e in c["env"] if e["name"] not in ("STREAM_WORKER__ENGINE__NUM_THREADS",
+                                                             "STREAM_WORKER__ENGINE__KERNELS")]
+    assert shared == exclusive
+    assert one(render("overlays/gpu-shared"), "ScaledObject") == one(render("overlays/gpu"), "ScaledObject")
 
 
 def test_service_and_podmonitor_scrape_the_metrics_port_as_job_stream_worker():
