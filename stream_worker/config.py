@@ -101,6 +101,7 @@ class LoggingConfig:
 class WorkerConfig:
     shutdown_grace_seconds: float = 30.0
     poll_timeout_ms: int = 200
+    max_batches_in_flight: int = 2
 
 
 @dataclass
@@ -140,6 +141,7 @@ POSITIVE = {
     "kafka.max_request_size", "kafka.fetch_max_bytes", "kafka.max_partition_fetch_bytes",
     "batching.max_spectra", "batching.max_wait_seconds", "engine.batch_size", "engine.chunk_spectra",
     "engine.num_threads", "inputs.max_message_bytes", "worker.shutdown_grace_seconds", "worker.poll_timeout_ms",
+    "worker.max_batches_in_flight",
 }
 SECRET_KEYS = {"sasl_password", "password", "ssl_password"}
 

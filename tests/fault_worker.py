@@ -2,7 +2,12 @@
 
 FAULT_KILL_AT_COMMIT=N   SIGKILL itself at the N-th offset commit: after the batch's records are
                          published and acknowledged, before its offsets are committed.
+FAULT_KILL_AT_SEND=N     SIGKILL itself at the N-th message handed to the producer: in the middle
+                         of publishing a batch (the ones after it still in the engine or collected).
 FAULT_SLOW_BATCH_S=S     the first batch spends S extra seconds in the engine (a hung batch).
+FAULT_ENGINE_DELAY_S=S   every batch spends S extra seconds in the engine (so batches queue up).
+
+Before a SIGKILL it logs how many batches were in flight and at which stage.
 """
 
 import os
@@ -10,38 +15,67 @@ import signal
 import sys
 import time
 
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, KafkaProducer
 
 from stream_worker.cli import main
 from stream_worker.streaming import batch as pipeline
+from stream_worker.streaming import worker as worker_module
 
-kill_at = int(os.environ.get("FAULT_KILL_AT_COMMIT", "0"))
+kill_at_commit = int(os.environ.get("FAULT_KILL_AT_COMMIT", "0"))
+kill_at_send = int(os.environ.get("FAULT_KILL_AT_SEND", "0"))
 slow_seconds = float(os.environ.get("FAULT_SLOW_BATCH_S", "0"))
-commits = 0
-batches = 0
+delay_seconds = float(os.environ.get("FAULT_ENGINE_DELAY_S", "0"))
+counts = {"commit": 0, "send": 0, "batch": 0}
+workers: list = []
 
-if kill_at:
+real_init = worker_module.Worker.__init__
+
+
+def init(self, *args, **kwargs):
+    real_init(self, *args, **kwargs)
+    workers.append(self)
+
+
+worker_module.Worker.__init__ = init
+
+
+def kill_at(kind: str, limit: int) -> None:
+    counts[kind] += 1
+    if counts[kind] == limit:
+        batches = workers[0].batches if workers else []
+        stages = ["published" if b.sent is not None else "finished" if b.result is not None else
+                  "in the engine" for b in batches]
+        print(f"fault: SIGKILL at {kind} {limit} with {len(batches)} batches in flight: {', '.join(stages)}; "
+              f"{len(workers[0].pending) if workers else 0} messages collected", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+if kill_at_commit:
     real_commit = KafkaConsumer.commit
 
     def commit(self, *args, **kwargs):
-        global commits
-        commits += 1
-        if commits == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        kill_at("commit", kill_at_commit)
         return real_commit(self, *args, **kwargs)
 
     KafkaConsumer.commit = commit
 
-if slow_seconds:
-    real_run = pipeline.Pipeline.run
+if kill_at_send:
+    real_send = KafkaProducer.send
 
-    def run(self, messages):
-        global batches
-        batches += 1
-        if batches == 1:
-            time.sleep(slow_seconds)
-        return real_run(self, messages)
+    def send(self, *args, **kwargs):
+        kill_at("send", kill_at_send)
+        return real_send(self, *args, **kwargs)
 
-    pipeline.Pipeline.run = run
+    KafkaProducer.send = send
+
+if slow_seconds or delay_seconds:
+    real_infer = pipeline.Pipeline.infer
+
+    def infer(self, prepared):
+        counts["batch"] += 1
+        time.sleep(delay_seconds + (slow_seconds if counts["batch"] == 1 else 0))
+        return real_infer(self, prepared)
+
+    pipeline.Pipeline.infer = infer
 
 sys.exit(main())

@@ -7,7 +7,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.streaming import Topics, consume, produce_spectra, records, rss_bytes, wait_until
+from tests.streaming import Topics, committed_total, consume, produce_spectra, records, rss_bytes, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -61,6 +61,64 @@ def test_kill_after_publishing_before_committing(kafka_broker, worker_factory):
         assert len({(c["teff"], c["logg"], c["fe_h"], c["raw_e_teff"]) for c in copies}) == 1
     print(f"\nkill before commit: {len(ids)} inputs, {len(out)} records, {len(duplicated)} duplicated")
     assert survivor.terminate() == 0
+
+
+def by_spectrum(out: list[dict]) -> dict[str, list[dict]]:
+    copies: dict[str, list] = {}
+    for record in out:
+        copies.setdefault(record["spectrum_id"], []).append(record)
+    return copies
+
+
+@pytest.mark.parametrize("batches_in_flight", [3])
+@pytest.mark.parametrize("fault", [{"FAULT_KILL_AT_COMMIT": "3"}, {"FAULT_KILL_AT_SEND": "20"}],
+                         ids=["before-a-commit", "mid-publication"])
+def test_kill_with_several_batches_in_flight(kafka_broker, worker_factory, fault):
+    """SIGKILL while one batch is acknowledged but uncommitted (or half published) and the next
+    ones are in the engine or finished: every spectrum still comes out, the redelivered ones with
+    the same numbers, and every input ends committed."""
+    topics = Topics().create(kafka_broker)
+    ids = produce_spectra(kafka_broker.bootstrap, topics.input, 80, "inflight")
+    doomed = worker_factory(kafka_broker, topics, module="tests.fault_worker", batching__max_spectra=8,
+                            extra_env={**fault, "FAULT_ENGINE_DELAY_S": "0.3"})
+    assert doomed.process.wait(90) == -9
+    killed = [line for line in doomed.tail(400).splitlines() if "fault: SIGKILL" in line]
+    assert killed and int(killed[0].split(" with ")[1].split()[0]) >= 2, doomed.tail()  # several in flight
+    survivor = worker_factory(kafka_broker, topics, batching__max_spectra=8)
+    survivor.wait_ready()
+    copies = by_spectrum(records(consume(kafka_broker.bootstrap, topics.output, 81, timeout=90, settle=2)))
+    assert set(copies) == set(ids)
+    if "FAULT_KILL_AT_COMMIT" in fault:  # its records were acknowledged: the redone batch duplicates them
+        assert any(len(c) > 1 for c in copies.values()), "the killed worker's uncommitted batch is processed again"
+    for c in copies.values():
+        assert len({(r["teff"], r["logg"], r["fe_h"], r["raw_e_teff"]) for r in c}) == 1
+    wait_until(lambda: committed_total(kafka_broker.bootstrap, topics.group, topics.input) == 80, 30,
+               "every input to be committed")
+    print(f"\n{killed[0]}")
+    assert survivor.terminate() == 0
+
+
+def test_a_rebalance_with_batches_in_flight_loses_nothing(kafka_broker, worker_factory, batches_in_flight):
+    """A second worker joins while the first holds batches at every stage (its engine is slow):
+    the first drops the lost partitions' work, the second redoes it from the last commit."""
+    topics = Topics().create(kafka_broker, partitions=4)
+    ids = produce_spectra(kafka_broker.bootstrap, topics.input, 240, "rebalance")
+    first = worker_factory(kafka_broker, topics, module="tests.fault_worker", batching__max_spectra=8,
+                           extra_env={"FAULT_ENGINE_DELAY_S": "0.5"})
+    first.wait_ready()
+    wait_until(lambda: published(first) >= 8 and first.metric("stream_worker_batches_in_flight") >= batches_in_flight,
+               60, "the first worker to run with its batches in flight")
+    second = worker_factory(kafka_broker, topics, batching__max_spectra=8)
+    second.wait_ready()
+    copies = by_spectrum(records(consume(kafka_broker.bootstrap, topics.output, 240, timeout=180, settle=3)))
+    assert set(copies) == set(ids)
+    for c in copies.values():
+        assert len({(r["teff"], r["raw_e_teff"]) for r in c}) == 1
+    assert published(second) > 0
+    wait_until(lambda: committed_total(kafka_broker.bootstrap, topics.group, topics.input) == 240, 30,
+               "every input to be committed")
+    assert first.terminate() == 0 and second.terminate() == 0
+    assert "partitions revoked" in first.tail(400)
 
 
 def test_kill_while_idle_and_while_inferring(kafka_broker, worker_factory):

@@ -1,7 +1,9 @@
-"""The worker's busy loop against a fake consumer (unit level; the real-broker tests are in
-test_worker_kafka.py and test_reliability.py): how it polls while the engine works, that it
-never leaves a group join unattended between polls, and that every batch runs on the one thread
-the engine was built on."""
+"""The worker's loop against a fake consumer and producer (unit level; the real-broker tests are
+in test_worker_kafka.py and test_reliability.py): how it overlaps the engine with collecting and
+publishing, that offsets are committed strictly in order and only after acknowledgement, the
+in-flight bound, how it polls while it waits, that it never leaves a group join unattended
+between polls, rebalances and failures with batches in flight, and that every batch runs on the
+one thread the engine was built on."""
 
 from __future__ import annotations
 
@@ -14,44 +16,79 @@ from kafka.structs import TopicPartition
 
 from stream_worker.config import load_config
 from stream_worker.streaming import worker as worker_module
-from stream_worker.streaming.batch import BatchResult
+from stream_worker.streaming.batch import BatchResult, Inferred, Item, Outgoing, Prepared
+from stream_worker.streaming.checkpoint import Checkpoint
 from stream_worker.streaming.metrics import Metrics
 from stream_worker.streaming.worker import EngineThread, Worker
 from tests.helpers import consumed
 
 PARTITION = TopicPartition("in", 0)
+OTHER = TopicPartition("in", 1)
 
 
-class Acknowledged:
+class Sent:
+    """A producer future: acknowledged at once, or when ``acknowledge`` is called."""
+
+    def __init__(self, message, done: bool, error: Exception | None = None) -> None:
+        self.message, self.is_done, self.exception, self.callbacks = message, done, error, []
+
     def succeeded(self) -> bool:
-        return True
+        return self.is_done and self.exception is None
+
+    def add_both(self, callback):
+        self.callbacks.append(callback) if not self.is_done else callback(None)
+        return self
+
+    def acknowledge(self) -> None:
+        self.is_done = True
+        for callback in self.callbacks:
+            callback(None)
 
 
 class FakeProducer:
-    def send(self, *args, **kwargs):
-        return Acknowledged()
+    def __init__(self, acknowledge: bool = True, fail_first: int = 0) -> None:
+        self.acknowledge, self.fail_first = acknowledge, fail_first
+        self.sent: list[Sent] = []
+
+    def send(self, topic, value=None, key=None, headers=None):
+        error = RuntimeError("broker said no") if len(self.sent) < self.fail_first else None
+        self.sent.append(Sent((topic, key, value), self.acknowledge or error is not None, error))
+        return self.sent[-1]
 
     def flush(self, timeout=None) -> None:
-        pass
+        for future in self.sent:
+            if not future.is_done:
+                future.acknowledge()
 
     def close(self, timeout=None) -> None:
         pass
 
 
 class FakeConsumer:
-    """Sleeps through polls while everything is paused, as kafka-python does; logs events.
-    ``on_paused_poll(n)`` runs at the n-th poll made while paused (to play a rebalance)."""
+    """Serves ``messages`` from the positions of its unpaused assigned partitions (``seek`` moves
+    them); sleeps through polls with nothing to return (as kafka-python does while everything
+    is paused) and logs every poll and commit. ``on_poll(consumer)`` runs at each poll (to play a
+    rebalance)."""
 
-    def __init__(self, messages, on_paused_poll=lambda n: None) -> None:
-        self.messages = list(messages)
-        self.on_paused_poll = on_paused_poll
+    def __init__(self, messages, on_poll=lambda consumer: None, partitions=(PARTITION,), commit_seconds=0.0) -> None:
+        self.log: dict[TopicPartition, list] = {}
+        for message in messages:
+            self.log.setdefault(TopicPartition(message.topic, message.partition), []).append(message)
+        self.positions = {tp: 0 for tp in self.log}
+        self.on_poll = on_poll
+        self.assigned = set(partitions)
         self.paused: set = set()
-        self.events: list[tuple[str, object]] = []
-        self.paused_polls = 0
+        self.events: list[tuple] = []
+        self.polls: list[tuple[float, bool, int]] = []  # (time, everything paused, timeout_ms)
+        self.seeks: list[tuple] = []
+        self.commit_seconds = commit_seconds
         self.committed_at: float | None = None
 
+    def unread(self) -> int:
+        return sum(len(self.log[tp]) - position for tp, position in self.positions.items())
+
     def assignment(self) -> set:
-        return {PARTITION}
+        return set(self.assigned)
 
     def pause(self, *partitions) -> None:
         self.paused |= set(partitions)
@@ -60,66 +97,196 @@ class FakeConsumer:
         self.paused -= set(partitions)
 
     def seek(self, partition, offset) -> None:
-        pass
+        self.seeks.append((partition, offset))
+        self.positions[partition] = offset
 
     def poll(self, timeout_ms=0, max_records=None):
-        if self.paused:
-            self.paused_polls += 1
+        paused = bool(self.assigned) and self.assigned <= self.paused
+        self.polls.append((time.monotonic(), paused, timeout_ms))
+        if paused:
             self.events.append(("paused poll", timeout_ms))
-            self.on_paused_poll(self.paused_polls)
+        self.on_poll(self)
+        polled: dict = {}
+        budget = max_records or 500
+        fetchable = sorted(tp for tp in self.assigned - self.paused if tp in self.log)
+        while budget and any(self.positions[tp] < len(self.log[tp]) for tp in fetchable):
+            for tp in fetchable:  # partitions in turn, as several fetch responses would interleave
+                if budget and self.positions[tp] < len(self.log[tp]):
+                    polled.setdefault(tp, []).append(self.log[tp][self.positions[tp]])
+                    self.positions[tp] += 1
+                    budget -= 1
+        if not polled:
             time.sleep(timeout_ms / 1000)
-            return {}
-        if not self.messages:
-            time.sleep(timeout_ms / 1000)
-            return {}
-        batch, self.messages = self.messages[:max_records], self.messages[max_records:]
-        return {PARTITION: batch}
+        return polled
+
+    def end_offsets(self, partitions, timeout_ms=None) -> dict:
+        return {}
+
+    def position(self, partition, timeout_ms=None):
+        return None
 
     def commit(self, offsets, timeout_ms=None) -> None:
-        self.events.append(("commit", offsets[PARTITION].offset))
+        time.sleep(self.commit_seconds)
+        for tp, offset in sorted(offsets.items()):
+            self.events.append(("commit", tp.partition, offset.offset))
         self.committed_at = time.monotonic()
+
+    def commits(self, partition: int = 0) -> list[int]:
+        return [event[2] for event in self.events if event[0] == "commit" and event[1] == partition]
 
 
 class SlowPipeline:
+    """The pipeline's three stages, with an engine stage of fixed length; one result per message."""
+
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self.done_at: list[float] = []
+        self.engine_spans: list[tuple[float, float]] = []
         self.threads: list[threading.Thread] = []
 
-    def run(self, messages) -> BatchResult:
+    def prepare(self, messages) -> Prepared:
+        return Prepared(messages, [], {})
+
+    def infer(self, prepared) -> Inferred:
         self.threads.append(threading.current_thread())
+        began = time.monotonic()
         time.sleep(self.seconds)
-        self.done_at.append(time.monotonic())
-        return BatchResult([])
+        self.engine_spans.append((began, time.monotonic()))
+        return Inferred([], 0.0)
+
+    def finish(self, prepared, inferred) -> BatchResult:
+        return BatchResult([Item(TopicPartition(m.topic, m.partition), Outgoing("out", m.key, b"r", []))
+                            for m in prepared.messages])
+
+    @property
+    def done_at(self) -> list[float]:
+        return [end for _, end in self.engine_spans]
 
 
-def worker_with(consumer, pipeline, engine: EngineThread | None = None, **settings) -> Worker:
+def worker_with(consumer, pipeline, engine: EngineThread | None = None, producer=None, **settings) -> Worker:
     environ = {f"STREAM_WORKER__{key.upper()}": str(value) for key, value in settings.items()}
     config = load_config(None, {"STREAM_WORKER__BATCHING__MAX_SPECTRA": "4", **environ})
-    worker = Worker(config, pipeline, consumer, FakeProducer(), Metrics(), lambda: True, engine)
-    worker.assigned = {PARTITION}
+    worker = Worker(config, pipeline, consumer, producer or FakeProducer(), Metrics(), lambda: True, engine)
+    worker.assigned = consumer.assignment()
     return worker
 
 
-def messages(n: int) -> list:
-    return [consumed(b"x", key=b"k", offset=i, topic="in") for i in range(n)]
+def messages(n: int, partition: int = 0) -> list:
+    return [consumed(b"x", key=b"k", offset=i, topic="in", partition=partition) for i in range(n)]
 
 
-def one_batch(worker: Worker) -> None:
-    worker.handle(worker.collect())
+def run_until(worker: Worker, condition, timeout: float = 10.0) -> None:
+    """Turns the worker's loop until ``condition()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the worker did not get there"
+        worker.step()
 
 
-def test_a_short_batch_is_published_as_soon_as_it_ends_and_a_long_one_still_polls(monkeypatch):
-    """Paused polls last their whole timeout: none during a batch shorter than the poll
-    interval, one per interval during a longer one (membership, rebalances, max_poll_interval)."""
-    short = FakeConsumer(messages(4))
-    one_batch(worker_with(short, SlowPipeline(0.3)))
-    assert short.events == [("commit", 4)]
+def committed(consumer: FakeConsumer, offset: int, partition: int = 0):
+    return lambda: offset in consumer.commits(partition)
+
+
+IN_FLIGHT = pytest.mark.parametrize("in_flight", [1, 2])
+
+
+@IN_FLIGHT
+def test_a_short_batch_is_committed_as_soon_as_it_ends(in_flight):
+    """No poll the worker would sleep through stands between a batch's end and its commit: at
+    the bound none is made during a batch shorter than the poll interval, and below it polls
+    for the next batch are cut short while one is in flight."""
+    consumer = FakeConsumer(messages(4))
+    pipeline = SlowPipeline(0.3)
+    worker = worker_with(consumer, pipeline, worker__max_batches_in_flight=in_flight)
+    run_until(worker, committed(consumer, 4))
+    assert ("paused poll", 200) not in consumer.events
+    during = [timeout for at, _, timeout in consumer.polls if pipeline.engine_spans[0][0] < at < pipeline.done_at[0]]
+    assert all(timeout <= worker_module.RETIRE_CHECK_MS for timeout in during)
+
+
+@IN_FLIGHT
+def test_a_long_batch_still_polls_for_the_group(monkeypatch, in_flight):
+    """membership, rebalances, max_poll_interval: polls go on during a batch of any length."""
     monkeypatch.setattr(worker_module, "BUSY_POLL_INTERVAL_S", 0.1)
-    long = FakeConsumer(messages(4))
-    one_batch(worker_with(long, SlowPipeline(0.5), worker__poll_timeout_ms=50))
-    assert 2 <= long.paused_polls <= 4  # ~0.15 s per interval + poll
-    assert long.events[-1] == ("commit", 4)
+    consumer = FakeConsumer(messages(4))
+    pipeline = SlowPipeline(0.5)
+    worker = worker_with(consumer, pipeline, worker__poll_timeout_ms=50, worker__max_batches_in_flight=in_flight)
+    run_until(worker, committed(consumer, 4))
+    began, ended = pipeline.engine_spans[0]
+    times = [began] + [at for at, _, _ in consumer.polls if began < at < ended] + [ended]
+    assert max(b - a for a, b in zip(times, times[1:])) < 0.3
+    if in_flight == 1:  # at the bound: everything paused, one poll per interval
+        assert 2 <= consumer.events.count(("paused poll", 50)) <= 5
+
+
+def test_the_engine_works_on_the_next_batch_while_the_previous_is_committed():
+    """With two batches in flight the engine never waits for the host's publish and commit; with
+    one it waits for each."""
+    gaps = {}
+    for in_flight in (1, 2):
+        consumer = FakeConsumer(messages(16), commit_seconds=0.15)
+        pipeline = SlowPipeline(0.2)
+        worker = worker_with(consumer, pipeline, worker__max_batches_in_flight=in_flight)
+        run_until(worker, committed(consumer, 16))
+        gaps[in_flight] = [b[0] - a[1] for a, b in zip(pipeline.engine_spans, pipeline.engine_spans[1:])]
+    assert min(gaps[1]) >= 0.15, gaps  # idle through every commit
+    assert max(gaps[2]) < 0.075, gaps  # the next batch was already waiting
+
+
+@IN_FLIGHT
+def test_offsets_are_committed_in_order_and_only_once_acknowledged(monkeypatch, in_flight):
+    monkeypatch.setattr(worker_module, "BUSY_POLL_INTERVAL_S", 0.01)
+    producer = FakeProducer(acknowledge=False)
+    consumer = FakeConsumer(messages(12))
+    worker = worker_with(consumer, SlowPipeline(0.01), producer=producer, worker__max_batches_in_flight=in_flight,
+                         worker__poll_timeout_ms=20)
+    run_until(worker, lambda: len(producer.sent) >= 4 * in_flight and len(worker.batches) == in_flight)
+    for _ in range(20):
+        worker.step()
+    assert consumer.commits() == [], "committed before the broker acknowledged"
+    assert len(worker.batches) == in_flight and consumer.unread() == 12 - 4 * in_flight  # the bound holds
+    assert consumer.paused == {PARTITION}
+    producer.acknowledge = True
+    for future in reversed(producer.sent):  # acknowledged newest first: still committed oldest first
+        future.acknowledge()
+    run_until(worker, committed(consumer, 12))
+    assert consumer.commits() == [4, 8, 12]
+
+
+@IN_FLIGHT
+def test_a_failed_publication_rewinds_every_batch_in_flight(monkeypatch, in_flight):
+    """The first batch's messages are refused: neither it nor any later batch is committed, the
+    consumer goes back to the first uncommitted offset, and the batches are processed again."""
+    producer = FakeProducer(fail_first=1)
+    consumer = FakeConsumer(messages(8))
+    worker = worker_with(consumer, SlowPipeline(0.05), producer=producer, worker__max_batches_in_flight=in_flight)
+    monkeypatch.setattr(worker_module, "RETRY_BACKOFF_SECONDS", 0.0)
+    run_until(worker, committed(consumer, 8))
+    assert consumer.seeks == [(PARTITION, 0)] and consumer.commits() == [4, 8]
+    assert len(producer.sent) >= 12  # the refused batch (and any published after it) published again
+
+
+def test_a_rebalance_with_batches_in_flight_drops_the_lost_partitions_work(monkeypatch):
+    """Partition 1 is revoked while both partitions' batches are in the engine: nothing of it is
+    published or committed here; partition 0's work goes on and is committed."""
+    monkeypatch.setattr(worker_module, "BUSY_POLL_INTERVAL_S", 0.01)
+    revoked = []
+
+    def rebalance(consumer: FakeConsumer) -> None:
+        if len(worker.batches) == 2 and not revoked:
+            revoked.append(time.monotonic())
+            worker.on_revoked({OTHER})
+            consumer.assigned = {PARTITION}
+            worker.on_assigned(set())
+
+    inputs = [consumed(b"x", key=b"k", offset=i // 2, topic="in", partition=i % 2) for i in range(8)]
+    consumer = FakeConsumer(inputs, on_poll=rebalance, partitions=(PARTITION, OTHER))
+    producer = FakeProducer()
+    worker = worker_with(consumer, SlowPipeline(0.3), producer=producer, worker__max_batches_in_flight=2)
+    run_until(worker, lambda: revoked and not worker.batches)
+    published = {(key, value) for _, key, value in (s.message for s in producer.sent)}
+    assert len(producer.sent) == 4 and published == {(b"k", b"r")}  # partition 0's four results only
+    assert consumer.commits(0)[-1] == 4 and consumer.commits(1) == []
+    assert (OTHER, 2) not in consumer.seeks and (PARTITION, 4) in consumer.seeks  # kept: just past what it holds
 
 
 def test_a_rebalance_in_progress_when_the_batch_ends_is_polled_through_before_publishing(monkeypatch):
@@ -129,30 +296,42 @@ def test_a_rebalance_in_progress_when_the_batch_ends_is_polled_through_before_pu
     pipeline = SlowPipeline(0.05)
     assigned_at: list[float] = []
 
-    def rebalance(n: int) -> None:
-        if n == 1:
+    def rebalance(consumer: FakeConsumer) -> None:
+        if worker.batches and not worker.rebalancing and not assigned_at:
             worker.on_revoked({PARTITION})
         elif pipeline.done_at and time.monotonic() > pipeline.done_at[0] + 0.2 and not assigned_at:
             assigned_at.append(time.monotonic())
             worker.on_assigned({PARTITION})
 
-    consumer = FakeConsumer(messages(4), on_paused_poll=rebalance)
-    worker = worker_with(consumer, pipeline, worker__poll_timeout_ms=20)
-    one_batch(worker)
+    consumer = FakeConsumer(messages(4), on_poll=rebalance)
+    worker = worker_with(consumer, pipeline, worker__poll_timeout_ms=20, worker__max_batches_in_flight=1)
+    run_until(worker, committed(consumer, 4))
     assert assigned_at, "the batch was published before the rebalance had completed"
     assert consumer.committed_at > assigned_at[0]
-    assert consumer.events[-1] == ("commit", 4)
+    rebalancing = [timeout for at, _, timeout in consumer.polls if at < assigned_at[0]][1:]
+    assert min(rebalancing) == 20  # never a shorter poll while the join is in flight
 
 
 def test_a_rebalance_that_never_completes_does_not_hold_the_batch_forever(monkeypatch):
     monkeypatch.setattr(worker_module, "BUSY_POLL_INTERVAL_S", 0.01)
-    consumer = FakeConsumer(messages(4), on_paused_poll=lambda n: n == 1 and worker.on_revoked({PARTITION}))
+    consumer = FakeConsumer(messages(4), on_poll=lambda c: worker.batches and not worker.rebalancing
+                            and worker.rebalance_began == 0.0 and worker.on_revoked({PARTITION}))
     worker = worker_with(consumer, SlowPipeline(0.05), worker__poll_timeout_ms=20, kafka__session_timeout_ms=300,
                          kafka__max_poll_interval_ms=600)
     finished = threading.Event()
-    threading.Thread(target=lambda: (one_batch(worker), finished.set()), daemon=True).start()
+    threading.Thread(target=lambda: (run_until(worker, committed(consumer, 4)), finished.set()), daemon=True).start()
     assert finished.wait(10), "the worker waited for the rebalance beyond kafka.session_timeout_ms"
-    assert consumer.events[-1] == ("commit", 4)
+
+
+def test_a_stop_request_drains_every_batch_in_flight_and_the_messages_in_hand():
+    consumer = FakeConsumer(messages(10))
+    worker = worker_with(consumer, SlowPipeline(0.1), worker__max_batches_in_flight=2)
+    run_until(worker, lambda: len(worker.batches) == 2)
+    worker._poll(0, max_records=1)  # one message collected for a third batch
+    worker.request_stop()
+    while worker._running():
+        worker.step()
+    assert consumer.commits()[-1] == 9 and not worker.batches
 
 
 def test_every_batch_runs_on_the_thread_the_engine_was_built_on():
@@ -160,10 +339,10 @@ def test_every_batch_runs_on_the_thread_the_engine_was_built_on():
     model is built and every batch run on one long-lived thread, never the main thread."""
     engine = EngineThread()
     built_on = engine.submit(threading.current_thread).result()
+    consumer = FakeConsumer(messages(8))
     pipeline = SlowPipeline(0.01)
-    worker = worker_with(FakeConsumer(messages(8)), pipeline, engine)
-    one_batch(worker)
-    one_batch(worker)
+    worker = worker_with(consumer, pipeline, engine)
+    run_until(worker, committed(consumer, 8))
     assert pipeline.threads == [built_on, built_on]
     assert built_on is not threading.main_thread() and built_on.daemon  # an abandoned batch cannot hold the exit
 
@@ -176,18 +355,18 @@ def test_the_engine_thread_hands_failures_back_and_keeps_serving():
 
 
 def test_the_checkpoint_reconciles_offsets_after_a_rebalance():
-    """Lost partitions' uncommitted offsets are forgotten (their new owner redoes the work); each
-    kept partition resumes just past the last message still held, in the batch or collected."""
-    from stream_worker.streaming.checkpoint import Checkpoint
-
+    """Lost partitions' uncommitted offsets are forgotten in every open batch (their new owner
+    redoes the work); each kept partition resumes just past the last message still held, in a
+    batch or collected for the next."""
     kept, lost, fresh = TopicPartition("in", 0), TopicPartition("in", 1), TopicPartition("in", 2)
     seeks = []
     consumer = type("Seeking", (), {"seek": lambda self, tp, offset: seeks.append((tp, offset))})()
     checkpoint = Checkpoint(consumer, FakeProducer(), exactly_once=False)
-    for partition, offset in ((0, 10), (0, 11), (1, 5)):
-        checkpoint.consumed(consumed(b"x", offset=offset, topic="in", partition=partition))
+    older = checkpoint.consumed([consumed(b"x", offset=o, topic="in", partition=p) for p, o in ((0, 10), (1, 5))])
+    newer = checkpoint.consumed([consumed(b"x", offset=o, topic="in", partition=p) for p, o in ((0, 11), (1, 6))])
     held = [consumed(b"x", offset=12, topic="in", partition=0), consumed(b"x", offset=3, topic="in", partition=2)]
     checkpoint.reconcile({kept, fresh}, held)
     assert sorted(seeks) == [(kept, 13), (fresh, 4)]
-    assert checkpoint.next_offsets == {kept: 12} and len(checkpoint) == 2
-    assert lost not in checkpoint.first_offsets
+    assert older.next == {kept: 11} and newer.next == {kept: 12} and len(checkpoint) == 2
+    with pytest.raises(RuntimeError, match="in the order"):
+        checkpoint.commit(newer, [])

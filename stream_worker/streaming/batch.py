@@ -1,8 +1,9 @@
 """One micro-batch, from consumed messages to the messages to publish.
 
-decode → validate → preprocess + infer (the :class:`~stream_worker.engine.estimator.Estimator`) →
-build records (:func:`~stream_worker.core.records.build_record`) → serialize (the configured
-:mod:`~stream_worker.io.serializers` format). No Kafka here: consumed messages come in as plain objects with ``topic``,
+decode → validate (:meth:`Pipeline.prepare`) → preprocess + infer (:meth:`Pipeline.infer`, the
+:class:`~stream_worker.engine.estimator.Estimator`) → build records
+(:func:`~stream_worker.core.records.build_record`) → serialize (the configured
+:mod:`~stream_worker.io.serializers` format; :meth:`Pipeline.finish`). No Kafka here: consumed messages come in as plain objects with ``topic``,
 ``partition``, ``offset``, ``key``, ``value``, ``headers`` and ``timestamp`` (kafka-python's
 ``ConsumerRecord`` fits), and what must be published goes out as :class:`Outgoing`. The worker
 publishes it and commits; tests drive this module without a broker.
@@ -18,6 +19,7 @@ import numpy as np
 from kafka.structs import TopicPartition
 
 from stream_worker.core.records import KafkaSource, build_record
+from stream_worker.core.estimate import Estimate
 from stream_worker.core.spectrum import InputError, Spectrum, validate_spectrum
 from stream_worker.engine.estimator import Estimator
 from stream_worker.io.files import FileReader
@@ -77,8 +79,28 @@ class BatchResult:
         return BatchResult([item for item in self.items if item.source in partitions], self.inference_seconds)
 
 
+@dataclass
+class Prepared:
+    """A batch after decode and validation: the spectra for the engine (with their index in the
+    batch) and the dead letters so far."""
+
+    messages: list
+    accepted: list[tuple[int, Spectrum]]
+    done: dict[int, Item]
+
+
+@dataclass
+class Inferred:
+    """The engine's answer for a prepared batch: one estimate per accepted spectrum."""
+
+    estimates: list[Estimate]
+    seconds: float
+
+
 class Pipeline:
-    """Turns a batch of consumed messages into result and dead-letter messages."""
+    """Turns a batch of consumed messages into result and dead-letter messages, in three stages
+    (:meth:`prepare` → :meth:`infer` → :meth:`finish`) so that a worker can run the engine's
+    stage of one batch while it prepares the next and finishes the previous one."""
 
     def __init__(self, estimator: Estimator, files: FileReader, output_topic: str, dead_letter_topic: str,
                  max_message_bytes: int, result_format: Serializer | None = None) -> None:
@@ -91,6 +113,8 @@ class Pipeline:
         self.result_format = result_format or serializer("json")
         if self.result_format.encode is None:
             raise ValueError(f"output format {self.result_format.name!r} cannot encode one record per message")
+        content_type = self.result_format.content_type
+        self.result_headers = [("content-type", content_type.encode())] if content_type else []
 
     def decode(self, message) -> Spectrum:
         """decode + validate one message; raises :class:`InputError` with a reason code."""
@@ -100,41 +124,54 @@ class Pipeline:
         spectrum = self.files.read(decoded) if isinstance(decoded, FileReference) else decoded
         return validate_spectrum(spectrum)
 
-    def run(self, messages: list) -> BatchResult:
-        result = BatchResult()
-        accepted: list[tuple[int, object, Spectrum]] = []
+    def prepare(self, messages: list) -> Prepared:
+        """decode + validate every message (host side); bad ones become dead letters here."""
+        accepted: list[tuple[int, Spectrum]] = []
         done: dict[int, Item] = {}
         for index, message in enumerate(messages):
             try:
-                accepted.append((index, message, self.decode(message)))
+                accepted.append((index, self.decode(message)))
             except InputError as exc:
                 done[index] = self._dead_letter(message, exc.reason, str(exc))
             except Exception as exc:  # a bug or an unforeseen input must not stop the stream
                 log.exception("unexpected error decoding %s", _where(message))
                 done[index] = self._dead_letter(message, "internal_error", f"{type(exc).__name__}: {exc}")
-        if accepted:
-            started = time.perf_counter()
-            estimates = self.estimator.estimate(
-                np.stack([s.flux for _, _, s in accepted]),
-                [s.ivar for _, _, s in accepted],  # not stacked: each keeps its dtype
-                [s.spectrum_id for _, _, s in accepted],
-            )
-            result.inference_seconds = time.perf_counter() - started
-            provenance = self.estimator.provenance
-            headers = [("content-type", self.result_format.content_type.encode())] if self.result_format.content_type else []
-            for (index, message, spectrum), estimate in zip(accepted, estimates):
-                full = build_record(spectrum, estimate, provenance, KafkaSource.of(message))
-                try:
-                    outgoing = Outgoing(
-                        self.output_topic, spectrum.spectrum_id.encode(), self.result_format.encode(full), headers,
-                    )
-                except (ValueError, UnicodeError) as exc:  # one bad record must not fail the batch
-                    log.exception("cannot encode the record of %s", _where(message))
-                    done[index] = self._dead_letter(message, "internal_error", f"{type(exc).__name__}: {exc}")
-                    continue
-                done[index] = Item(_source(message), outgoing, record=full)
-        result.items = [done[index] for index in range(len(messages))]
-        return result
+        return Prepared(messages, accepted, done)
+
+    def infer(self, prepared: Prepared) -> Inferred:
+        """preprocess + infer (the engine's side: the worker runs this on its engine thread)."""
+        if not prepared.accepted:
+            return Inferred([], 0.0)
+        started = time.perf_counter()
+        spectra = [spectrum for _, spectrum in prepared.accepted]
+        estimates = self.estimator.estimate(
+            np.stack([s.flux for s in spectra]),  # the batch's one copy of the flux
+            [s.ivar for s in spectra],  # not stacked: each keeps its dtype
+            [s.spectrum_id for s in spectra],
+        )
+        return Inferred(estimates, time.perf_counter() - started)
+
+    def finish(self, prepared: Prepared, inferred: Inferred) -> BatchResult:
+        """build records + serialize (host side), in input order with the dead letters."""
+        done = dict(prepared.done)
+        provenance = self.estimator.provenance
+        for (index, spectrum), estimate in zip(prepared.accepted, inferred.estimates):
+            message = prepared.messages[index]
+            record = build_record(spectrum, estimate, provenance, KafkaSource.of(message))
+            try:
+                value = self.result_format.encode(record)
+            except (ValueError, UnicodeError) as exc:  # one bad record must not fail the batch
+                log.exception("cannot encode the record of %s", _where(message))
+                done[index] = self._dead_letter(message, "internal_error", f"{type(exc).__name__}: {exc}")
+                continue
+            outgoing = Outgoing(self.output_topic, spectrum.spectrum_id.encode(), value, self.result_headers)
+            done[index] = Item(_source(message), outgoing, record=record)
+        return BatchResult([done[index] for index in range(len(prepared.messages))], inferred.seconds)
+
+    def run(self, messages: list) -> BatchResult:
+        """The three stages in turn: what the worker overlaps across batches."""
+        prepared = self.prepare(messages)
+        return self.finish(prepared, self.infer(prepared))
 
     def _dead_letter(self, message, reason: str, text: str) -> Item:
         log.warning("dead-lettering %s: [%s] %s", _where(message), reason, text,

@@ -1,21 +1,27 @@
-"""Delivery semantics in one object: publish a batch's messages, then commit its offsets.
+"""Delivery semantics in one object: publish each batch's messages, then commit its offsets, batch
+after batch in the order they were consumed.
 
-``commit()`` is a short numbered sequence:
+Several batches may be open at once (consumed, not yet committed: one in the engine, one being
+published...). Each is a :class:`BatchOffsets`; they are committed strictly oldest first, and
+:meth:`Checkpoint.commit` of a batch is a short numbered sequence:
 
-1. flush the producer;
-2. fail loudly if any message of the batch was not acknowledged (``acks=all``);
-3. commit the consumed offsets — with the consumer (at-least-once) or inside the producer's
+1. make sure every message of the batch was acknowledged (``acks=all``), else fail loudly;
+2. commit the batch's offsets — with the consumer (at-least-once) or inside the producer's
    transaction, together with the published messages (exactly-once).
 
-At-least-once and exactly-once differ in one ``if``, here. Nothing else in the worker touches
-offsets: a failure leaves them uncommitted and ``rewind()`` puts the consumer back on the first
-unprocessed message, so the batch is processed again rather than lost; after a rebalance
-``reconcile()`` drops lost partitions and restores the positions of kept ones.
+At-least-once and exactly-once differ in a few ``if``s, here. Nothing else in the worker touches
+offsets: a failure leaves them uncommitted and :meth:`Checkpoint.rewind` puts the consumer back
+on the first uncommitted message, so every open batch is processed again rather than lost; after
+a rebalance :meth:`Checkpoint.reconcile` drops lost partitions and restores the positions of kept
+ones.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
 
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
@@ -26,85 +32,127 @@ class PublishError(RuntimeError):
     """A message of the batch was not acknowledged by the broker; the offsets were not committed."""
 
 
+@dataclass
+class BatchOffsets:
+    """The offsets one batch consumed: per partition, its first and one past its last."""
+
+    first: dict[TopicPartition, int] = field(default_factory=dict)
+    next: dict[TopicPartition, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return sum(self.next[tp] - self.first[tp] for tp in self.next)
+
+    def add(self, message) -> None:
+        tp = TopicPartition(message.topic, message.partition)
+        self.first.setdefault(tp, message.offset)
+        self.next[tp] = message.offset + 1
+
+    def keep_only(self, owned) -> None:
+        for tp in [tp for tp in self.next if tp not in owned]:
+            del self.next[tp], self.first[tp]
+
+
 class Checkpoint:
     def __init__(self, consumer, producer, exactly_once: bool, flush_timeout_s: float = 60.0) -> None:
         self.consumer = consumer
         self.producer = producer
         self.exactly_once = exactly_once
         self.flush_timeout_s = flush_timeout_s
-        self.first_offsets: dict[TopicPartition, int] = {}
-        self.next_offsets: dict[TopicPartition, int] = {}
-        self.futures: list = []
+        self.open: deque[BatchOffsets] = deque()
         self.in_transaction = False
 
     def __len__(self) -> int:
         """Messages consumed and not yet committed."""
-        return sum(self.next_offsets[tp] - self.first_offsets[tp] for tp in self.next_offsets)
+        return sum(len(batch) for batch in self.open)
 
-    def consumed(self, message) -> None:
-        tp = TopicPartition(message.topic, message.partition)
-        self.first_offsets.setdefault(tp, message.offset)
-        self.next_offsets[tp] = message.offset + 1
+    def consumed(self, messages: list) -> BatchOffsets:
+        """Opens a batch of ``messages`` (consumed after every open one): from here on their
+        offsets are its to commit."""
+        batch = BatchOffsets()
+        for message in messages:
+            batch.add(message)
+        self.open.append(batch)
+        return batch
 
-    def publish(self, topic: str, key: bytes | None, value: bytes, headers: list) -> None:
-        if self.exactly_once and not self.in_transaction:
+    def publish(self, outgoing: list, on_acknowledged: Callable[[], None] | None = None) -> list:
+        """Hands a batch's messages to the producer; returns their futures (not yet acknowledged).
+        Exactly-once: inside a new transaction, which only :meth:`commit` or :meth:`rewind` ends,
+        so one batch's transaction is committed before the next one's begins."""
+        if self.exactly_once:
+            if self.in_transaction:
+                raise RuntimeError("a transaction is open: commit the previous batch first")
             self.producer.begin_transaction()
             self.in_transaction = True
-        self.futures.append(self.producer.send(topic, value=value, key=key, headers=headers))
+        futures = [self.producer.send(message.topic, value=message.value, key=message.key,
+                                      headers=message.headers) for message in outgoing]
+        if on_acknowledged is not None:
+            for future in futures:
+                future.add_both(lambda _: on_acknowledged())
+        return futures
 
-    def commit(self) -> None:
-        if not self.next_offsets:
-            return
-        # 1. flush
-        self.producer.flush(timeout=self.flush_timeout_s)
-        # 2. everything acknowledged?
-        failed = [f.exception for f in self.futures if not f.succeeded()]
+    @staticmethod
+    def acknowledged(futures: list) -> bool:
+        """Whether the broker has answered for every message (successfully or not)."""
+        return all(future.is_done for future in futures)
+
+    def commit(self, batch: BatchOffsets, futures: list) -> None:
+        """Commits the oldest open ``batch``, whose messages ``futures`` are."""
+        if not self.open or batch is not self.open[0]:
+            raise RuntimeError("batches are committed in the order they were consumed")
+        # 1. everything acknowledged? (exactly-once: the transaction's commit flushes too)
+        if not self.acknowledged(futures):
+            self.producer.flush(timeout=self.flush_timeout_s)
+        failed = [f.exception for f in futures if not f.succeeded()]
         if failed:
-            raise PublishError(f"{len(failed)} of {len(self.futures)} messages not acknowledged: {failed[0]!r}")
-        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self.next_offsets.items()}
-        # 3. commit the offsets
+            raise PublishError(f"{len(failed)} of {len(futures)} messages not acknowledged: {failed[0]!r}")
+        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in batch.next.items()}
+        # 2. commit the offsets
         if self.exactly_once:
-            if not self.in_transaction:
+            if not self.in_transaction:  # a batch without anything to publish
                 self.producer.begin_transaction()
                 self.in_transaction = True
-            self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+            if offsets:
+                self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
             self.producer.commit_transaction()
             self.in_transaction = False
-        else:
+        elif offsets:
             self.consumer.commit(offsets, timeout_ms=int(self.flush_timeout_s * 1000))
-        log.debug("committed %s", {f"{tp.topic}[{tp.partition}]": o for tp, o in self.next_offsets.items()})
-        self._clear()
+        log.debug("committed %s", {f"{tp.topic}[{tp.partition}]": o for tp, o in batch.next.items()})
+        self.open.popleft()
 
     def reconcile(self, owned, held: list) -> None:
         """After a rebalance: forgets the uncommitted offsets of partitions no longer ``owned``
         (their new owner redoes that work) and puts the consumer of every kept partition just
-        past the last message this worker still ``held`` (in the batch or collected for the next),
-        since a rebalance resets fetch positions to the last commit."""
-        for tp in [tp for tp in self.next_offsets if tp not in owned]:
-            del self.next_offsets[tp], self.first_offsets[tp]
-        positions = dict(self.next_offsets)
+        past the last message this worker still holds (in an open batch, or ``held`` for the
+        next one), since a rebalance resets fetch positions to the last commit."""
+        positions: dict[TopicPartition, int] = {}
+        for batch in self.open:
+            batch.keep_only(owned)
+            positions.update(batch.next)
         for message in held:
             tp = TopicPartition(message.topic, message.partition)
             positions[tp] = max(positions.get(tp, 0), message.offset + 1)
         for tp, offset in positions.items():
             self.consumer.seek(tp, offset)
 
-    def rewind(self) -> None:
-        """Gives up the uncommitted batch: aborts the transaction (exactly-once) and seeks back,
-        so the same messages are consumed again."""
+    def rewind(self, held: list = ()) -> None:
+        """Gives up every open batch (and the messages ``held`` for the next): aborts the
+        transaction (exactly-once) and seeks each partition back to its first uncommitted
+        message, so the same messages are consumed again."""
         if self.exactly_once and self.in_transaction:
             try:
                 self.producer.abort_transaction()
             except Exception:
                 log.exception("aborting the transaction failed")
             self.in_transaction = False
+        first: dict[TopicPartition, int] = {}
+        for batch in self.open:  # oldest first: the first offset seen of a partition is its earliest
+            for tp, offset in batch.first.items():
+                first.setdefault(tp, offset)
+        for message in held:
+            first.setdefault(TopicPartition(message.topic, message.partition), message.offset)
         assigned = self.consumer.assignment()
-        for tp, offset in self.first_offsets.items():
+        for tp, offset in first.items():
             if tp in assigned:
                 self.consumer.seek(tp, offset)
-        self._clear()
-
-    def _clear(self) -> None:
-        self.first_offsets.clear()
-        self.next_offsets.clear()
-        self.futures.clear()
+        self.open.clear()

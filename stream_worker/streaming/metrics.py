@@ -56,6 +56,9 @@ class Metrics:
         self.consumer_lag = Gauge(
             "stream_worker_consumer_lag", "Messages behind the partition end", ["topic", "partition"], registry=r)
         self.in_flight = Gauge("stream_worker_in_flight_spectra", "Messages consumed but not yet committed", registry=r)
+        self.batches_in_flight = Gauge(
+            "stream_worker_batches_in_flight", "Batches handed to the engine and not yet committed "
+            "(at most worker.max_batches_in_flight)", registry=r)
         self.last_success = Gauge(
             "stream_worker_last_successful_batch_timestamp_seconds", "Unix time of the last committed batch",
             registry=r)

@@ -1,18 +1,25 @@
-"""The streaming worker's loop, a short explicit lifecycle per batch: :meth:`Worker.collect` →
-:meth:`Worker.process` (decode → validate → infer → build records, on the engine thread) →
-:meth:`Worker.publish` → :meth:`Worker.commit`.
+"""The streaming worker's loop. Each micro-batch goes collect → prepare (decode, validate) →
+infer (on the engine thread) → finish (records) → publish → commit, and up to
+``worker.max_batches_in_flight`` batches are on that way at once: while the engine computes one,
+the main thread collects and prepares the next and publishes and commits the previous ones, so
+a fast engine (a GPU) is not left idle during the host's round trips.
 
-The main thread owns the Kafka consumer. It collects a micro-batch (``batching.max_spectra``
-messages, or whatever arrived within ``batching.max_wait_seconds`` of the first), hands it to
-the engine thread, and while the engine works it keeps polling (once a second, back to back
-during a rebalance) with every partition *paused*: no more data is fetched (backpressure), yet
-the member stays in its group however slow the batch (a slow batch cannot make the group
-thrash), rebalances are served, and SIGTERM is seen.
-Results and dead letters are then published and the offsets committed by the
-:class:`~stream_worker.streaming.checkpoint.Checkpoint`, which makes every offset decision. When
-a rebalance takes partitions away, the uncommitted work of those partitions is dropped, at any
-stage — neither published nor committed here — and their new owner processes it from the last
-commit, so nothing is committed that was not published.
+The main thread owns the Kafka consumer and turns the loop (:meth:`Worker.step`): it retires
+what the engine has finished (records, publish, commit: strictly in consumption order), then,
+while fewer than the bound are in flight, polls for the next batch (``batching.max_spectra``
+messages, or whatever arrived within ``batching.max_wait_seconds`` of the first) and hands it
+to the engine. At the bound every partition is *paused* — nothing more is fetched
+(backpressure) — and it waits for the engine or the broker's acknowledgements, still polling
+once a second (back to back during a rebalance), so the member stays in its group however slow
+a batch, rebalances are served and SIGTERM is seen.
+
+The :class:`~stream_worker.streaming.checkpoint.Checkpoint` makes every offset decision. When a
+rebalance takes partitions away, the uncommitted work of those partitions is dropped at any
+stage — not published if it was not yet, never committed here — and their new owner processes
+it from the last commit, so nothing is committed that was not published. Exactly-once: one
+transaction per batch, committed in order, and a batch's transaction begins only once the
+previous one is committed; the engine then overlaps collecting and preparing, while publishing
+waits its turn.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import queue
 import signal
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 from kafka import ConsumerRebalanceListener
@@ -30,8 +39,8 @@ from kafka.errors import ProducerFencedError
 from kafka.structs import TopicPartition
 
 from stream_worker.config import Config
-from stream_worker.streaming.batch import BatchResult, Pipeline
-from stream_worker.streaming.checkpoint import Checkpoint
+from stream_worker.streaming.batch import BatchResult, Pipeline, Prepared
+from stream_worker.streaming.checkpoint import BatchOffsets, Checkpoint
 from stream_worker.streaming.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -39,9 +48,14 @@ log = logging.getLogger(__name__)
 LAG_REFRESH_SECONDS = 5.0
 RETRY_BACKOFF_SECONDS = 1.0
 BUSY_POLL_INTERVAL_S = 1.0
-"""While the engine works and no rebalance is in progress, the consumer is polled this often,
-not back to back: a finished batch is then noticed at once instead of at the end of a poll, which
-kafka-python sleeps through while partitions are paused (back-to-back polls cost the I/O path ~30%)."""
+"""While the worker waits at the in-flight bound and no rebalance is in progress, the consumer is
+polled this often, not back to back: a finished batch is then noticed at once instead of at the end
+of a poll, which kafka-python sleeps through while partitions are paused (back-to-back polls cost
+the I/O path ~30%)."""
+RETIRE_CHECK_MS = 10
+"""While a batch is in flight, a poll for the next one lasts at most this long, so a batch the
+engine has finished (or the broker acknowledged) is published (committed) within milliseconds,
+not at the end of a ``worker.poll_timeout_ms`` poll."""
 
 
 class EngineThread:
@@ -71,6 +85,19 @@ class EngineThread:
                 future.set_exception(exc)
 
 
+@dataclass
+class Batch:
+    """One micro-batch on its way: in the engine → finished (``result``) → published (``sent``,
+    the producer's futures) → committed (then it leaves the worker)."""
+
+    offsets: BatchOffsets
+    prepared: Prepared
+    job: concurrent.futures.Future
+    submitted: float
+    result: BatchResult | None = None
+    sent: list | None = None
+
+
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -93,12 +120,18 @@ class Worker:
         self.producer = producer
         self.metrics = metrics
         self.checkpoint = Checkpoint(consumer, producer, exactly_once=config.kafka.delivery == "exactly_once")
+        self.max_in_flight = config.worker.max_batches_in_flight
         self.stopping = threading.Event()
         self.stop_deadline: float | None = None
-        self.pending: list = []
-        self.busy = False
+        self.batches: deque[Batch] = deque()  # in consumption order
+        self.pending: list = []  # collected for the next batch
+        self.collect_deadline: float | None = None
+        self.paused = False
+        self.wakeup = threading.Event()  # the engine finished a batch, or the broker answered
+        self.last_poll = 0.0
         self.rebalanced = threading.Event()
         self.rebalancing = False  # partitions revoked, new assignment not yet received
+        self.rebalance_began, self.rebalance_warned = 0.0, False
         self.broker_reachable = broker_reachable
         self.last_lag_refresh = 0.0
         self.assigned: set = set()
@@ -113,15 +146,15 @@ class Worker:
         return True, "ready"
 
     def request_stop(self, *_signal_args) -> None:
-        """SIGTERM/SIGINT: stop fetching; finish, publish and commit the batch in hand within the grace period."""
+        """SIGTERM/SIGINT: stop fetching; finish, publish and commit every batch in flight (and the
+        messages in hand) within the grace period."""
         if not self.stopping.is_set():
             log.info("stop requested: draining (grace %.0f s)", self.config.worker.shutdown_grace_seconds)
             self.stop_deadline = time.monotonic() + self.config.worker.shutdown_grace_seconds
             self.stopping.set()
 
     def run(self) -> int:
-        """Subscribes, then runs the lifecycle batch after batch until SIGTERM: :meth:`collect` →
-        :meth:`process` → :meth:`publish` → :meth:`commit`."""
+        """Subscribes, then turns the loop (:meth:`step`) until SIGTERM and the drain."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
@@ -131,16 +164,13 @@ class Worker:
             if not self.consumer.partitions_for_topic(topic):
                 log.warning("input topic %s does not exist (yet); waiting for it to appear", topic)
         self.consumer.subscribe(self.config.kafka.input_topics, listener=_Rebalance(self))
-        log.info("consuming %s as group %s (%s)", self.config.kafka.input_topics, self.config.kafka.group_id,
-                 self.config.kafka.delivery)
+        log.info("consuming %s as group %s (%s, up to %d batches in flight)", self.config.kafka.input_topics,
+                 self.config.kafka.group_id, self.config.kafka.delivery, self.max_in_flight)
         self.metrics.ready.set_function(lambda: int(self.ready()[0]))
         exit_code = 0
         try:
-            while not self.stopping.is_set():
-                messages = self.collect()
-                if messages:  # also after a stop request: the batch in hand is drained
-                    self.handle(messages)
-                self._refresh_lag()
+            while self._running():
+                self.step()
         except ProducerFencedError:
             log.error("another worker took over this transactional id; exiting")
             exit_code = 1
@@ -148,33 +178,33 @@ class Worker:
             self._close()
         return exit_code
 
-    def handle(self, messages: list) -> None:
-        """One batch through process → publish → commit. A failure in publish or commit leaves
-        the offsets uncommitted and rewinds, so the batch is processed again, never lost."""
-        started = time.monotonic()
-        result = self.process(messages)
-        if result is None:
-            return
-        result = result.only_from(self.consumer.assignment())
-        stage = "publish"
-        try:
-            self.publish(result)
-            stage = "commit"
-            self.commit()
-        except ProducerFencedError:
-            raise
-        except Exception as exc:
-            log.error("%s failed (%s: %s); the batch stays uncommitted and will be processed again",
-                      stage, type(exc).__name__, exc)
-            self.metrics.batch_failures.labels(stage=stage).inc()
-            self.checkpoint.rewind()
-            time.sleep(RETRY_BACKOFF_SECONDS)
-            return
-        self._count(result)
-        elapsed = time.monotonic() - started
-        self.metrics.batch_seconds.observe(elapsed)
-        if elapsed > 0.5 * self.config.kafka.max_poll_interval_ms / 1000:
-            log.warning("batch took %.1f s, over half of kafka.max_poll_interval_ms", elapsed)
+    def step(self) -> None:
+        """One turn of the loop: retire what is done, then collect while there is room, else wait."""
+        self._retire()
+        if len(self.batches) < self.max_in_flight and not self.stopping.is_set():
+            self._collect()
+        else:
+            self._wait()
+        if not self.rebalancing:
+            self._refresh_lag()
+
+    def _running(self) -> bool:
+        """Until a stop request; then until every batch in flight, and the messages in hand, is
+        committed, or the grace period is over (what is left is redelivered)."""
+        if not self.stopping.is_set():
+            return True
+        if self.pending:
+            self._submit()
+        if not self.batches:
+            return False
+        if self._past_stop_deadline():
+            log.warning("grace period over with %d batch(es) of %d spectra in flight: abandoning them uncommitted "
+                        "(they will be redelivered)", len(self.batches), len(self.checkpoint))
+            return False
+        return True
+
+    def _past_stop_deadline(self) -> bool:
+        return self.stop_deadline is not None and time.monotonic() > self.stop_deadline
 
     def _close(self) -> None:
         self.metrics.ready.set_function(lambda: 0)
@@ -182,114 +212,169 @@ class Worker:
         self.producer.close(timeout=10)
         log.info("stopped")
 
-    # ------------------------------------------------------------------ collect
+    # ------------------------------------------------------------------ collect, prepare, infer
 
     def _poll(self, timeout_ms: int, max_records: int | None = None) -> None:
         """The one place records arrive: they join ``pending``; a rebalance is reconciled after
-        they are, so the positions the checkpoint restores account for them."""
-        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-        for messages in polled.values():
-            for message in messages:
-                self.pending.append(message)
-                self.metrics.messages_consumed.labels(topic=message.topic).inc()
+        they are, so the positions the checkpoint restores account for them.
+
+        kafka-python 3.0.12 loses a group join whose answer arrives while no poll awaits it (the
+        member then believes it joined but never takes its assignment and stops its heartbeats),
+        so from a revocation to the new assignment polls follow back to back and are never shorter
+        than ``worker.poll_timeout_ms`` (a join answered as a poll times out is lost too)."""
+        polled = [self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)]
+        while self.rebalancing and not self._rebalance_overdue() and not self._past_stop_deadline():
+            # a join began in that poll: the next follows at once, before any other work (a short
+            # poll that began the join has returned long before the broker answers it)
+            polled.append(self.consumer.poll(timeout_ms=self.config.worker.poll_timeout_ms, max_records=max_records))
+        self.last_poll = time.monotonic()
+        for batch in polled:
+            for messages in batch.values():
+                for message in messages:
+                    self.pending.append(message)
+                    self.metrics.messages_consumed.labels(topic=message.topic).inc()
         if self.rebalanced.is_set():
             self._after_rebalance()
-        self.metrics.in_flight.set(len(self.checkpoint) + len(self.pending))
+        self._show_in_flight()
 
-    def collect(self) -> list:
-        """Polls until the batch is full, or ``max_wait_seconds`` after its first message, or a
-        stop is requested; returns the batch (possibly empty)."""
+    def _collect(self) -> None:
+        """One poll towards the next batch; hands the batch to the engine once it is full, or
+        ``max_wait_seconds`` after its first message."""
+        self._pause(False)
         batching = self.config.batching
-        deadline = None
-        while not self.stopping.is_set() and len(self.pending) < batching.max_spectra:
-            timeout_ms = self.config.worker.poll_timeout_ms
-            if deadline is not None:
-                timeout_ms = max(0, min(timeout_ms, int((deadline - time.monotonic()) * 1000)))
-            self._poll(timeout_ms, max_records=batching.max_spectra - len(self.pending))
-            if self.pending and deadline is None:
-                deadline = time.monotonic() + batching.max_wait_seconds
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            if not self.pending:
-                self._refresh_lag()
-        messages, self.pending = self.pending, []
-        return messages
+        timeout_ms = self.config.worker.poll_timeout_ms
+        if not self.rebalancing and not self._group_join_due():
+            if self.collect_deadline is not None:
+                timeout_ms = max(0, min(timeout_ms, int((self.collect_deadline - time.monotonic()) * 1000)))
+            if self.batches:
+                timeout_ms = min(timeout_ms, RETIRE_CHECK_MS)
+        self._poll(timeout_ms, max_records=max(1, batching.max_spectra - len(self.pending)))
+        now = time.monotonic()
+        if self.pending and self.collect_deadline is None:
+            self.collect_deadline = now + batching.max_wait_seconds
+        if len(self.pending) >= batching.max_spectra or (self.pending and now >= self.collect_deadline):
+            self._submit()
 
-    # ------------------------------------------------------------------ process
+    def _group_join_due(self) -> bool:
+        """Whether the next poll will (re)join the group, as kafka-python's coordinator knows it
+        (read only; a fake consumer has none). Such a poll must last ``worker.poll_timeout_ms``:
+        a single member's join completes within it, where a short poll would return while the
+        join is in flight and kafka-python would lose it."""
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        if coordinator is None:
+            return False
+        try:
+            return bool(coordinator.need_rejoin() or getattr(coordinator, "_join_task", None) is not None)
+        except Exception:  # another kafka-python: stay on the safe side
+            return True
 
-    def process(self, messages: list) -> BatchResult | None:
-        """Runs the batch on the engine thread while polling with every partition paused;
-        ``None`` if the batch was abandoned (grace period over) or the engine failed on it.
-
-        Polls are spaced ``BUSY_POLL_INTERVAL_S`` apart, except during a rebalance: from the
-        revocation to the new assignment they follow back to back, and go on past the end of the
-        batch. kafka-python 3.0.12 loses a group join whose answer arrives while no poll awaits it
-        (the member then believes it joined but never takes its assignment and stops its
-        heartbeats), so a join in flight must never be left between polls, and polls are never
-        shorter than ``worker.poll_timeout_ms``: a join answered as a poll times out is lost too."""
-        for message in messages:  # from here on these offsets are the batch's to commit
-            self.checkpoint.consumed(message)
+    def _submit(self) -> None:
+        """The collected messages become a batch: prepared here, inferred on the engine thread."""
+        messages, self.pending, self.collect_deadline = self.pending, [], None
+        offsets = self.checkpoint.consumed(messages)  # from here on these offsets are the batch's to commit
         self.metrics.batch_size.observe(len(messages))
-        batch = self.engine.submit(self.pipeline.run, messages)
-        self.busy = True
-        self.consumer.pause(*self.consumer.assignment())
-        rebalance_deadline = None
+        prepared = self.pipeline.prepare(messages)
+        job = self.engine.submit(self.pipeline.infer, prepared)
+        job.add_done_callback(lambda _: self.wakeup.set())
+        self.batches.append(Batch(offsets, prepared, job, time.monotonic()))
+        self._show_in_flight()
+
+    def _wait(self) -> None:
+        """At the bound, or draining: nothing is fetched. Waits for the engine or the broker's
+        acknowledgements, polling for the group once every ``BUSY_POLL_INTERVAL_S`` (back to back
+        during a rebalance)."""
+        self._pause(True)
+        if self.rebalancing:
+            self._poll(self.config.worker.poll_timeout_ms)
+            return
+        due = self.last_poll + BUSY_POLL_INTERVAL_S - time.monotonic()
+        if due > 0 and self.wakeup.wait(due):
+            return
+        if time.monotonic() >= self.last_poll + BUSY_POLL_INTERVAL_S:
+            self._poll(self.config.worker.poll_timeout_ms)
+
+    def _pause(self, paused: bool) -> None:
+        if paused != self.paused:
+            partitions = self.consumer.assignment()
+            (self.consumer.pause if paused else self.consumer.resume)(*partitions)
+            self.paused = paused
+
+    # ------------------------------------------------------------------ finish, publish, commit
+
+    def _retire(self) -> None:
+        """Finishes what the engine is done with (records), publishes it, and commits the
+        acknowledged batches, oldest first. A failure at any stage leaves every batch in flight
+        uncommitted and rewinds, so they are processed again, never lost."""
+        self.wakeup.clear()
+        if self.rebalancing and not self._rebalance_overdue():
+            return  # a group join is in flight: nothing may keep the main thread from its polls
+        exactly_once = self.checkpoint.exactly_once
+        stage = "engine"
         try:
-            while not batch.done() or self.rebalancing:
-                if self.stop_deadline is not None and time.monotonic() > self.stop_deadline:
-                    log.warning("grace period over with a batch of %d in the engine: abandoning it uncommitted "
-                                "(it will be redelivered)", len(messages))
-                    return None
-                if self.rebalancing:
-                    if batch.done():  # bounded: by then the group has evicted a member stuck in a lost join
-                        rebalance_deadline = rebalance_deadline or \
-                            time.monotonic() + self.config.kafka.session_timeout_ms / 1000
-                        if time.monotonic() > rebalance_deadline:
-                            log.warning("rebalance still incomplete %.0f s after the batch; publishing it",
-                                        self.config.kafka.session_timeout_ms / 1000)
-                            break
-                    self._poll(self.config.worker.poll_timeout_ms)
-                else:
-                    concurrent.futures.wait([batch], timeout=BUSY_POLL_INTERVAL_S)
-                    if not batch.done():
-                        self._poll(self.config.worker.poll_timeout_ms)
-        finally:
-            self.busy = False
-            self.consumer.resume(*self.consumer.assignment())
-        try:
-            return batch.result()
-        except Exception:
-            log.exception("engine failed on a whole batch; it will be consumed again")
-            self.metrics.batch_failures.labels(stage="engine").inc()
-            self.checkpoint.rewind()
+            for batch in self.batches:
+                if batch.result is None:
+                    if not batch.job.done():
+                        break
+                    stage = "engine"
+                    inferred = batch.job.result()
+                    stage = "records"
+                    batch.result = self.pipeline.finish(batch.prepared, inferred).only_from(self.consumer.assignment())
+                if batch.sent is None and not exactly_once:
+                    stage = "publish"
+                    batch.sent = self.checkpoint.publish(batch.result.outgoing, self.wakeup.set)
+            while self.batches and self.batches[0].result is not None:
+                head = self.batches[0]
+                if head.sent is None:  # exactly-once: this batch's transaction begins now
+                    stage = "publish"
+                    head.sent = self.checkpoint.publish(head.result.outgoing)
+                elif not self.checkpoint.acknowledged(head.sent):
+                    break
+                stage = "commit"
+                self.checkpoint.commit(head.offsets, head.sent)
+                self.batches.popleft()
+                self._count(head)
+        except ProducerFencedError:
+            raise
+        except Exception as exc:
+            if stage == "engine":
+                log.exception("engine failed on a whole batch; it will be consumed again")
+            else:
+                log.error("%s failed (%s: %s); the batches in flight stay uncommitted and will be processed again",
+                          stage, type(exc).__name__, exc)
+            self.metrics.batch_failures.labels(stage=stage).inc()
+            self._rewind()
             time.sleep(RETRY_BACKOFF_SECONDS)
-            return None
 
-    # ------------------------------------------------------------------ publish, commit
+    def _rewind(self) -> None:
+        """Abandons every batch in flight and the messages in hand; the consumer goes back to the
+        first uncommitted message of each partition. An abandoned batch still in the engine ends
+        there unheeded."""
+        self.checkpoint.rewind(self.pending)
+        self.batches.clear()
+        self.pending, self.collect_deadline = [], None
+        self._show_in_flight()
 
-    def publish(self, result: BatchResult) -> None:
-        """Hands every result and dead letter of the batch to the producer (not yet acknowledged)."""
-        for message in result.outgoing:
-            self.checkpoint.publish(message.topic, message.key, message.value, message.headers)
-
-    def commit(self) -> None:
-        """Waits for every message to be acknowledged, then commits the batch's offsets
-        (the checkpoint's numbered sequence)."""
-        self.checkpoint.commit()
-
-    def _count(self, result: BatchResult) -> None:
+    def _count(self, batch: Batch) -> None:
         now = time.time()
-        records = result.records
+        records = batch.result.records
         self.metrics.spectra_processed.inc(len(records))
-        self.metrics.inference_seconds.observe(result.inference_seconds)
+        self.metrics.inference_seconds.observe(batch.result.inference_seconds)
         self.metrics.count_published(records)
-        for dead in result.dead_letters:
+        for dead in batch.result.dead_letters:
             self.metrics.dead_letters.labels(reason=dead.reason).inc()
         for record in records:
             if record.get("input_timestamp_ms"):
                 self.metrics.latency.observe(max(0.0, now - record["input_timestamp_ms"] / 1000))
         self.metrics.last_success.set(now)
+        elapsed = time.monotonic() - batch.submitted
+        self.metrics.batch_seconds.observe(elapsed)
+        if elapsed > 0.5 * self.config.kafka.max_poll_interval_ms / 1000:
+            log.warning("batch took %.1f s, over half of kafka.max_poll_interval_ms", elapsed)
+        self._show_in_flight()
+
+    def _show_in_flight(self) -> None:
         self.metrics.in_flight.set(len(self.checkpoint) + len(self.pending))
+        self.metrics.batches_in_flight.set(len(self.batches))
 
     # ------------------------------------------------------------------ rebalance
 
@@ -298,6 +383,7 @@ class Worker:
         so it only takes note. The main thread reconciles after its next poll."""
         log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
         self.assigned -= set(revoked)
+        self.rebalance_began, self.rebalance_warned = time.monotonic(), False
         self.rebalancing = True
         self.rebalanced.set()
 
@@ -307,15 +393,30 @@ class Worker:
         self.rebalancing = False
         self.rebalanced.set()
 
+    def _rebalance_overdue(self) -> bool:
+        """A join kafka-python lost never completes; by ``kafka.session_timeout_ms`` after the
+        revocation the group has evicted the stuck member, so the batches in flight go on."""
+        overdue = time.monotonic() > self.rebalance_began + self.config.kafka.session_timeout_ms / 1000
+        if overdue and not self.rebalance_warned:
+            log.warning("rebalance still incomplete %.0f s after it began; going on with the batches in flight",
+                        self.config.kafka.session_timeout_ms / 1000)
+            self.rebalance_warned = True
+        return overdue
+
     def _after_rebalance(self) -> None:
         """Abandons the uncommitted work of partitions this worker lost (their new owner redoes
-        it, and nothing of it is published or committed here) and keeps going where it was on
-        the partitions it kept: the checkpoint decides the offsets."""
+        it: what is not yet published here never will be, and nothing of it is committed) and
+        keeps going where it was on the partitions it kept: the checkpoint decides the offsets."""
         self.rebalanced.clear()
         owned = self.consumer.assignment()
         self.pending = [m for m in self.pending if TopicPartition(m.topic, m.partition) in owned]
+        if not self.pending:
+            self.collect_deadline = None
+        for batch in self.batches:
+            if batch.result is not None and batch.sent is None:
+                batch.result = batch.result.only_from(owned)
         self.checkpoint.reconcile(owned, self.pending)
-        if self.busy:  # newly assigned partitions wait for the batch in the engine too
+        if self.paused:  # newly assigned partitions wait for the batches in flight too
             self.consumer.pause(*owned)
         for metric in self.metrics.consumer_lag.collect():
             for sample in metric.samples:
