@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -50,27 +51,36 @@ def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], per
     producer.close()
 
 
-def receive(bootstrap: str, topic: str, count: int, timeout: float) -> list[tuple[float, dict]]:
-    """(arrival time, record) for ``count`` records; latency is arrival minus the input's timestamp."""
+def receive(bootstrap: str, topic: str, count: int, timeout: float,
+            on_arrivals=lambda count: None) -> list[tuple[float, dict]]:
+    """(arrival time, record) for ``count`` records; latency is arrival minus the input's timestamp.
+    ``on_arrivals(n)`` is called as the records come in (n so far)."""
     consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
     arrivals, deadline = [], time.monotonic() + timeout
     while len(arrivals) < count and time.monotonic() < deadline:
-        for batch in consumer.poll(timeout_ms=200).values():
+        for batch in consumer.poll(timeout_ms=50).values():
             now = time.time()
             arrivals += [(now, json.loads(m.value)) for m in batch]
+            on_arrivals(len(arrivals))
     consumer.close()
     if len(arrivals) < count:
         raise RuntimeError(f"only {len(arrivals)} of {count} records within {timeout} s")
     return arrivals
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_worker_phase(kafka: LocalKafka, tmp: Path, name: str, weights: Path | None, n: int, paced: float | None,
-                     batch: int, **settings) -> dict:
+                     batch: int, module: str = "stream_worker", extra_env: dict | None = None, **settings) -> dict:
     """Backlog (``paced`` None): all ``n`` messages wait in the topic before the worker starts;
     the sustained rate is counted after the first batch of ``batch`` results (its warm-up and
     wait for the group are not throughput): (n - batch) over the time from that batch's last
-    result to the last result. Paced: messages arrive at ``paced`` per second while it runs;
-    the latencies are what matters."""
+    result to the last result, and so is the worker process's CPU time per spectrum. Paced:
+    messages arrive at ``paced`` per second while it runs; the latencies are what matters."""
     topics = {k: f"{name}-{k}" for k in ("in", "out", "dlq")}
     kafka.create_topic(topics["in"], 4)
     kafka.create_topic(topics["out"], 4)
@@ -79,7 +89,8 @@ def run_worker_phase(kafka: LocalKafka, tmp: Path, name: str, weights: Path | No
     if paced is None:
         produce(kafka.bootstrap, topics["in"], messages)
     engine = {"engine__weights": weights} if weights else {"engine__allow_random_weights": "true"}
-    worker = WorkerProcess(tmp / f"{name}.log", cwd=REPO, kafka__bootstrap_servers=f"[{kafka.bootstrap}]",
+    worker = WorkerProcess(tmp / f"{name}.log", cwd=REPO, module=module, extra_env=extra_env,
+                           kafka__bootstrap_servers=f"[{kafka.bootstrap}]",
                            kafka__input_topics=f"[{topics['in']}]", kafka__output_topic=topics["out"],
                            kafka__dead_letter_topic=topics["dlq"], kafka__group_id=name,
                            kafka__compression_type="null", batching__max_spectra=batch, **engine, **settings)
@@ -88,14 +99,23 @@ def run_worker_phase(kafka: LocalKafka, tmp: Path, name: str, weights: Path | No
         started = time.time()
         if paced is not None:
             produce(kafka.bootstrap, topics["in"], messages, per_second=paced)
-        arrivals = receive(kafka.bootstrap, topics["out"], n, timeout=1800)
+        cpu: list[float] = []
+
+        def sample_cpu(count: int) -> None:
+            if (count >= batch and not cpu) or (count >= n and len(cpu) == 1):
+                cpu.append(cpu_seconds(worker.process.pid))
+
+        arrivals = receive(kafka.bootstrap, topics["out"], n, timeout=1800, on_arrivals=sample_cpu)
         assert worker.terminate() == 0
     finally:
         worker.close()
     latencies = sorted(t - r["input_timestamp_ms"] / 1000 for t, r in arrivals)
     times = sorted(t for t, _ in arrivals)
     rate = (n - batch) / (times[-1] - times[batch - 1]) if n >= 2 * batch else n / (times[-1] - started)
+    counted = n - sum(1 for t, _ in arrivals if t <= times[batch - 1])
+    cpu_ms = 1000 * (cpu[1] - cpu[0]) / counted if len(cpu) == 2 and counted > 0 else None
     return {"spectra": n, "spectra_per_s": rate, "offered_per_s": paced, "engine_share": engine_share(arrivals),
+            "cpu_ms_per_spectrum": cpu_ms,
             "latency_p50_s": statistics.median(latencies), "latency_p99_s": latencies[int(0.99 * (n - 1))]}
 
 

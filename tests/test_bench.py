@@ -84,3 +84,29 @@ def test_the_gpu_benchmark_runs_on_a_cpu_in_seconds_with_torch_and_numpy_only(tm
     assert report["rows"][-1]["agrees"] and report["rows"][0]["plan"].startswith("exact/cpu ")
     assert all(rate > 0 for row in report["rows"][:4] for rate in row["spectra_per_s"])
     assert "| engine alone, fast |" in (tmp_path / "gpu.md").read_text()
+
+
+def test_the_pipelining_section_states_each_speed_against_min_of_host_and_engine():
+    """With the host alone at 4,000/s, a 2,000/s engine is the limit (target 2,000) and a 20,000/s
+    one is not (target 4,000); the section replaces its earlier version in place."""
+    from bench.pipelining import BEGIN, END, SPEEDS, replace_section, section
+
+    def run(rate, cpu=0.25, p50=0.6, p99=0.9):
+        return {"spectra": 3000, "spectra_per_s": rate, "cpu_ms_per_spectrum": cpu, "latency_p50_s": p50,
+                "latency_p99_s": p99}
+
+    overlap = {(None, k): [run(4000.0 if k == 2 else 2500.0)] for k in (1, 2)}
+    for speed in SPEEDS:
+        overlap[(speed, 1)] = [run(1 / (1 / speed + 1 / 2500))]
+        overlap[(speed, 2)] = [run(0.95 * min(speed, 4000))]
+    results = {"overlap": overlap, "host_cost": {0: [run(1500.0, 0.31)], 20: [run(300.0, 2.5)]},
+               "latency": {1: [run(0, p50=0.62)], 2: [run(0, p50=0.61)]}}
+    text = section(results, 3000, 1)
+    assert "| 2,000 | 1,111 | 1,900 | 2,000 | 95% | 56% |" in text
+    assert "| 20,000 | 2,222 | 3,800 | 4,000 | 95% | 56% |" in text
+    assert "| trivial network, 0 draws | 3,000 | 0.31 | 1,500 |" in text
+    assert "| 2 | 0.610 | 0.900 |" in text
+    document = f"# Benchmarks\n\nbefore\n\n{BEGIN}\nold\n{END}\nafter\n"
+    replaced = replace_section(document, text)
+    assert "old" not in replaced and replaced.count(BEGIN) == 1 and "before" in replaced and "after" in replaced
+    assert replace_section("# Benchmarks\n", text).endswith(text)

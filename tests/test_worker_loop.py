@@ -191,16 +191,15 @@ IN_FLIGHT = pytest.mark.parametrize("in_flight", [1, 2])
 
 @IN_FLIGHT
 def test_a_short_batch_is_committed_as_soon_as_it_ends(in_flight):
-    """No poll the worker would sleep through stands between a batch's end and its commit: at
-    the bound none is made during a batch shorter than the poll interval, and below it polls
-    for the next batch are cut short while one is in flight."""
+    """No poll the worker would sleep through stands between a batch's end and its commit: once
+    a poll finds nothing, the worker waits for the engine instead of polling into its end (every
+    poll lasts worker.poll_timeout_ms, here 0.5 s)."""
     consumer = FakeConsumer(messages(4))
-    pipeline = SlowPipeline(0.3)
-    worker = worker_with(consumer, pipeline, worker__max_batches_in_flight=in_flight)
+    pipeline = SlowPipeline(0.6)
+    worker = worker_with(consumer, pipeline, worker__max_batches_in_flight=in_flight, worker__poll_timeout_ms=500)
     run_until(worker, committed(consumer, 4))
-    assert ("paused poll", 200) not in consumer.events
-    during = [timeout for at, _, timeout in consumer.polls if pipeline.engine_spans[0][0] < at < pipeline.done_at[0]]
-    assert all(timeout <= worker_module.RETIRE_CHECK_MS for timeout in during)
+    assert consumer.committed_at - pipeline.done_at[0] < 0.25
+    assert {timeout for _, _, timeout in consumer.polls} == {500}  # never a shorter poll
 
 
 @IN_FLIGHT
@@ -327,7 +326,7 @@ def test_a_stop_request_drains_every_batch_in_flight_and_the_messages_in_hand():
     consumer = FakeConsumer(messages(10))
     worker = worker_with(consumer, SlowPipeline(0.1), worker__max_batches_in_flight=2)
     run_until(worker, lambda: len(worker.batches) == 2)
-    worker._poll(0, max_records=1)  # one message collected for a third batch
+    worker._poll(max_records=1)  # one message collected for a third batch
     worker.request_stop()
     while worker._running():
         worker.step()

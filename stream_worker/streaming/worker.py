@@ -52,10 +52,6 @@ BUSY_POLL_INTERVAL_S = 1.0
 polled this often, not back to back: a finished batch is then noticed at once instead of at the end
 of a poll, which kafka-python sleeps through while partitions are paused (back-to-back polls cost
 the I/O path ~30%)."""
-RETIRE_CHECK_MS = 10
-"""While a batch is in flight, a poll for the next one lasts at most this long, so a batch the
-engine has finished (or the broker acknowledged) is published (committed) within milliseconds,
-not at the end of a ``worker.poll_timeout_ms`` poll."""
 
 
 class EngineThread:
@@ -129,6 +125,7 @@ class Worker:
         self.paused = False
         self.wakeup = threading.Event()  # the engine finished a batch, or the broker answered
         self.last_poll = 0.0
+        self.last_poll_empty = False
         self.rebalanced = threading.Event()
         self.rebalancing = False  # partitions revoked, new assignment not yet received
         self.rebalance_began, self.rebalance_warned = 0.0, False
@@ -214,19 +211,21 @@ class Worker:
 
     # ------------------------------------------------------------------ collect, prepare, infer
 
-    def _poll(self, timeout_ms: int, max_records: int | None = None) -> None:
+    def _poll(self, max_records: int | None = None) -> None:
         """The one place records arrive: they join ``pending``; a rebalance is reconciled after
         they are, so the positions the checkpoint restores account for them.
 
         kafka-python 3.0.12 loses a group join whose answer arrives while no poll awaits it (the
         member then believes it joined but never takes its assignment and stops its heartbeats),
-        so from a revocation to the new assignment polls follow back to back and are never shorter
-        than ``worker.poll_timeout_ms`` (a join answered as a poll times out is lost too)."""
+        so from a revocation to the new assignment polls follow back to back, every one of them
+        ``worker.poll_timeout_ms`` long (a join answered as a poll times out is lost too)."""
+        timeout_ms = self.config.worker.poll_timeout_ms
         polled = [self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)]
+        self.last_poll_empty = not polled[0]
         while self.rebalancing and not self._rebalance_overdue() and not self._past_stop_deadline():
             # a join began in that poll: the next follows at once, before any other work (a short
             # poll that began the join has returned long before the broker answers it)
-            polled.append(self.consumer.poll(timeout_ms=self.config.worker.poll_timeout_ms, max_records=max_records))
+            polled.append(self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records))
         self.last_poll = time.monotonic()
         for batch in polled:
             for messages in batch.values():
@@ -238,35 +237,32 @@ class Worker:
         self._show_in_flight()
 
     def _collect(self) -> None:
-        """One poll towards the next batch; hands the batch to the engine once it is full, or
-        ``max_wait_seconds`` after its first message."""
+        """One step towards the next batch; hands the batch to the engine once it is full, or
+        ``max_wait_seconds`` after its first message.
+
+        Every poll lasts ``worker.poll_timeout_ms`` (it returns at once when records are there):
+        kafka-python 3.0.12 loses a group join begun in a poll that ends before the join does,
+        and a join may begin in any poll. So when the last poll found nothing and a batch is in
+        flight (or due), the worker does not poll into it: it waits for the engine, the broker's
+        acknowledgements or the batch's deadline, polling again for the group once a second."""
         self._pause(False)
         batching = self.config.batching
-        timeout_ms = self.config.worker.poll_timeout_ms
-        if not self.rebalancing and not self._group_join_due():
+        budget = max(1, batching.max_spectra - len(self.pending))
+        if self.last_poll_empty and (self.batches or self.collect_deadline is not None) and not self.rebalancing:
+            until = self.last_poll + BUSY_POLL_INTERVAL_S
             if self.collect_deadline is not None:
-                timeout_ms = max(0, min(timeout_ms, int((self.collect_deadline - time.monotonic()) * 1000)))
-            if self.batches:
-                timeout_ms = min(timeout_ms, RETIRE_CHECK_MS)
-        self._poll(timeout_ms, max_records=max(1, batching.max_spectra - len(self.pending)))
+                until = min(until, self.collect_deadline)
+            if until > time.monotonic() and self.wakeup.wait(until - time.monotonic()):
+                return  # the engine or the broker is done with something: retire it first
+            if self.collect_deadline is None or time.monotonic() < self.collect_deadline:
+                self._poll(max_records=budget)
+        else:
+            self._poll(max_records=budget)
         now = time.monotonic()
         if self.pending and self.collect_deadline is None:
             self.collect_deadline = now + batching.max_wait_seconds
         if len(self.pending) >= batching.max_spectra or (self.pending and now >= self.collect_deadline):
             self._submit()
-
-    def _group_join_due(self) -> bool:
-        """Whether the next poll will (re)join the group, as kafka-python's coordinator knows it
-        (read only; a fake consumer has none). Such a poll must last ``worker.poll_timeout_ms``:
-        a single member's join completes within it, where a short poll would return while the
-        join is in flight and kafka-python would lose it."""
-        coordinator = getattr(self.consumer, "_coordinator", None)
-        if coordinator is None:
-            return False
-        try:
-            return bool(coordinator.need_rejoin() or getattr(coordinator, "_join_task", None) is not None)
-        except Exception:  # another kafka-python: stay on the safe side
-            return True
 
     def _submit(self) -> None:
         """The collected messages become a batch: prepared here, inferred on the engine thread."""
@@ -285,13 +281,13 @@ class Worker:
         during a rebalance)."""
         self._pause(True)
         if self.rebalancing:
-            self._poll(self.config.worker.poll_timeout_ms)
+            self._poll()
             return
         due = self.last_poll + BUSY_POLL_INTERVAL_S - time.monotonic()
         if due > 0 and self.wakeup.wait(due):
             return
         if time.monotonic() >= self.last_poll + BUSY_POLL_INTERVAL_S:
-            self._poll(self.config.worker.poll_timeout_ms)
+            self._poll()
 
     def _pause(self, paused: bool) -> None:
         if paused != self.paused:
