@@ -50,23 +50,21 @@ def kill_at(kind: str, limit: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def kill_before(cls, name: str, kind: str, limit: int) -> None:
+    """``cls.name`` SIGKILLs the process on its ``limit``-th call, before doing anything."""
+    real = getattr(cls, name)
+
+    def wrapped(self, *args, **kwargs):
+        kill_at(kind, limit)
+        return real(self, *args, **kwargs)
+
+    setattr(cls, name, wrapped)
+
+
 if kill_at_commit:
-    real_commit = KafkaConsumer.commit
-
-    def commit(self, *args, **kwargs):
-        kill_at("commit", kill_at_commit)
-        return real_commit(self, *args, **kwargs)
-
-    KafkaConsumer.commit = commit
-
+    kill_before(KafkaConsumer, "commit", "commit", kill_at_commit)
 if kill_at_send:
-    real_send = KafkaProducer.send
-
-    def send(self, *args, **kwargs):
-        kill_at("send", kill_at_send)
-        return real_send(self, *args, **kwargs)
-
-    KafkaProducer.send = send
+    kill_before(KafkaProducer, "send", "send", kill_at_send)
 
 if slow_seconds or delay_seconds:
     real_infer = pipeline.Pipeline.infer
