@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from kafka.structs import TopicPartition
 
-from stream_worker.core.records import KafkaSource, build_record
 from stream_worker.core.estimate import Estimate
+from stream_worker.core.records import KafkaSource, build_record
 from stream_worker.core.spectrum import InputError, Spectrum, validate_spectrum
 from stream_worker.engine.estimator import Estimator
 from stream_worker.io.files import FileReader

@@ -223,8 +223,8 @@ class Worker:
         polled = [self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)]
         self.last_poll_empty = not polled[0]
         while self.rebalancing and not self._rebalance_overdue() and not self._past_stop_deadline():
-            # a join began in that poll: the next follows at once, before any other work (a short
-            # poll that began the join has returned long before the broker answers it)
+            # a join is in flight: the next poll follows at once, before any other work (the
+            # broker may hold a join for seconds while the other members rejoin)
             polled.append(self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records))
         self.last_poll = time.monotonic()
         for batch in polled:
@@ -252,7 +252,7 @@ class Worker:
             until = self.last_poll + BUSY_POLL_INTERVAL_S
             if self.collect_deadline is not None:
                 until = min(until, self.collect_deadline)
-            if until > time.monotonic() and self.wakeup.wait(until - time.monotonic()):
+            if self._woken_before(until):
                 return  # the engine or the broker is done with something: retire it first
             if self.collect_deadline is None or time.monotonic() < self.collect_deadline:
                 self._poll(max_records=budget)
@@ -280,14 +280,14 @@ class Worker:
         acknowledgements, polling for the group once every ``BUSY_POLL_INTERVAL_S`` (back to back
         during a rebalance)."""
         self._pause(True)
-        if self.rebalancing:
+        if self.rebalancing or not self._woken_before(self.last_poll + BUSY_POLL_INTERVAL_S):
             self._poll()
-            return
-        due = self.last_poll + BUSY_POLL_INTERVAL_S - time.monotonic()
-        if due > 0 and self.wakeup.wait(due):
-            return
-        if time.monotonic() >= self.last_poll + BUSY_POLL_INTERVAL_S:
-            self._poll()
+
+    def _woken_before(self, until: float) -> bool:
+        """Waits until the monotonic time ``until`` for the engine or the broker; True as soon as
+        one of them is done with something (a finished batch, acknowledgements)."""
+        remaining = until - time.monotonic()
+        return remaining > 0 and self.wakeup.wait(remaining)
 
     def _pause(self, paused: bool) -> None:
         if paused != self.paused:
