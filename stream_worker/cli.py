@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from stream_worker import __version__
 from stream_worker.config import ConfigError, load_config
 from stream_worker.io.serializers import FORMATS
 from stream_worker.logs import setup_logging
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=config_help)
     parser = argparse.ArgumentParser(prog="stream-worker", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"stream-worker {__version__}")
     parser.add_argument("--config", type=Path, default=None, help=config_help)
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -90,3 +90,12 @@ def test_every_format_writes_the_same_records(tmp_path, weights):
         assert array[i]["teff"] == record["teff"] and float(rows[i]["teff"]) == record["teff"]
         assert table["teff"][i] == record["teff"] and table["engine_plan"][i] == record["engine_plan"]
         assert set(rows[i]) == set(record) == set(table.colnames)
+
+
+def test_version_names_the_installed_package(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"stream-worker {version('stream-worker')}"
