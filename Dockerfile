@@ -21,15 +21,16 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 RUN python -m venv /opt/venv
 WORKDIR /src
 
-# Dependencies first, in their own layer: code changes do not re-download torch.
+# Dependencies first, in their own layer: code changes do not re-download torch. pip's downloads
+# (the CUDA wheels are ~3 GB) stay in a build cache mount for the next build, never in a layer.
 COPY requirements.lock ./
-RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes --only-binary=:all: --no-deps -r requirements.lock
+RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked \
+    /opt/venv/bin/pip install --require-hashes --only-binary=:all: --no-deps -r requirements.lock
 
 # The worker itself, built with the locked setuptools already in the venv (no unpinned build deps).
 COPY pyproject.toml README.md ./
@@ -40,17 +41,6 @@ RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation --no
 
 # ---- runtime: no compilers, no pip caches, no source tree -------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
-
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-ARG CREATED=unknown
-LABEL org.opencontainers.image.title="stream-worker" \
-      org.opencontainers.image.description="Real-time APOGEENet III stellar parameters for APOGEE spectra, streamed through Kafka" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.created="${CREATED}" \
-      org.opencontainers.image.licenses="BSD-3-Clause" \
-      org.opencontainers.image.base.name="docker.io/library/python:3.11-slim-bookworm"
 
 # A fixed, unprivileged identity; Kubernetes runs it as runAsUser 10001 too (k8s/base).
 RUN groupadd --system --gid 10001 worker \
@@ -74,6 +64,19 @@ USER 10001:10001
 WORKDIR /tmp
 EXPOSE 9108
 VOLUME ["/models"]
+
+# Last, so that a new revision or date rebuilds only this metadata, not the 6 GB venv copy.
+ARG PYTHON_IMAGE
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+LABEL org.opencontainers.image.title="stream-worker" \
+      org.opencontainers.image.description="Real-time APOGEENet III stellar parameters for APOGEE spectra, streamed through Kafka" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.licenses="BSD-3-Clause" \
+      org.opencontainers.image.base.name="${PYTHON_IMAGE}"
 
 # /healthz answers 200 while the process is alive (metrics.port 9108); no curl in a slim image.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \

@@ -28,19 +28,22 @@ DEFAULT_FILES = sorted((REPO / "tests" / "data").glob("apStar-*.fits"))
 TOPICS = {"input": "apogee.spectra", "output": "apogee.results", "dead_letter": "apogee.deadletter"}
 
 
-def _publish(bootstrap: str, files: list[Path]) -> list[str]:
+def publish_apstar(bootstrap: str, topic: str, files: list[Path], worker_dir: str | None = None) -> list[str]:
+    """Publishes the coadd and visits of each file inline, its coadd once more by file reference
+    (the path the worker sees: in ``worker_dir`` if given), and one broken message; returns the
+    spectrum ids that must come out as results."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
     ids = []
     for path in files:
         for spectrum in read_apstar(path, visits=True):
-            producer.send(TOPICS["input"], key=spectrum.spectrum_id.encode(), value=encode_inline(spectrum),
+            producer.send(topic, key=spectrum.spectrum_id.encode(), value=encode_inline(spectrum),
                           headers=[("content-type", CONTENT_TYPE.encode())])
             ids.append(spectrum.spectrum_id)
         reference_id = f"{path.stem}:coadd(by reference)"
-        producer.send(TOPICS["input"], key=reference_id.encode(),
-                      value=encode_reference(str(path.resolve()), "coadd", reference_id))
+        reference = f"{worker_dir}/{path.name}" if worker_dir else str(path.resolve())
+        producer.send(topic, key=reference_id.encode(), value=encode_reference(reference, "coadd", reference_id))
         ids.append(reference_id)
-    producer.send(TOPICS["input"], key=b"not-a-spectrum", value=b"this is not a spectrum message")
+    producer.send(topic, key=b"not-a-spectrum", value=b"this is not a spectrum message")
     producer.flush()
     producer.close()
     return ids
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             worker.wait_ready(timeout=120)
             print(f"worker ready; metrics on http://127.0.0.1:{worker.port}/metrics")
-            ids = _publish(kafka.bootstrap, args.files)
+            ids = publish_apstar(kafka.bootstrap, TOPICS["input"], args.files)
             print(f"published {len(ids)} spectra (+1 deliberately broken message)\n")
             results = [json.loads(m.value) for m in _collect(kafka.bootstrap, TOPICS["output"], len(ids), args.timeout)]
             dead = _collect(kafka.bootstrap, TOPICS["dead_letter"], 1, 30)
