@@ -17,8 +17,8 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# ---- build: a virtual environment with the pinned dependencies and the worker -----------------
-FROM ${PYTHON_IMAGE} AS build
+# ---- dependencies: a virtual environment with the pinned dependencies only ----------------------
+FROM ${PYTHON_IMAGE} AS dependencies
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -26,18 +26,28 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 WORKDIR /src
 
-# Dependencies first, in their own layer: code changes do not re-download torch. pip's downloads
-# (the CUDA wheels are ~3 GB) stay in a build cache mount for the next build, never in a layer.
+# pip's downloads (the CUDA wheels are ~3 GB) stay in a build cache mount for the next build,
+# never in a layer.
 COPY requirements.lock ./
 RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     /opt/venv/bin/pip install --require-hashes --only-binary=:all: --no-deps -r requirements.lock
 
-# The worker itself, built with the locked setuptools already in the venv (no unpinned build deps).
+# ---- build: the worker itself, on top -------------------------------------------------------------
+FROM dependencies AS build
+
+# Built with the locked setuptools already in the venv (no unpinned build deps). Its files (the
+# package, its dist-info, the console script) are staged apart, so the runtime stage copies the
+# 5.5 GB of dependencies in a layer that only a new requirements.lock changes.
 COPY pyproject.toml README.md ./
 COPY stream_worker ./stream_worker
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation --no-compile . \
     && /opt/venv/bin/python -m compileall -q -j 0 /opt/venv/lib/python3.11/site-packages/stream_worker \
-    && /opt/venv/bin/pip check
+    && /opt/venv/bin/pip check \
+    && mkdir -p /stage/opt/venv/bin /stage/opt/venv/lib/python3.11/site-packages \
+    && cp -a /opt/venv/bin/stream-worker /stage/opt/venv/bin/ \
+    && cp -a /opt/venv/lib/python3.11/site-packages/stream_worker \
+             /opt/venv/lib/python3.11/site-packages/stream_worker-*.dist-info \
+             /stage/opt/venv/lib/python3.11/site-packages/
 
 # ---- runtime: no compilers, no pip caches, no source tree -------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -47,7 +57,8 @@ RUN groupadd --system --gid 10001 worker \
     && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin worker \
     && mkdir -p /etc/stream-worker /models
 
-COPY --from=build /opt/venv /opt/venv
+COPY --from=dependencies /opt/venv /opt/venv
+COPY --from=build /stage/ /
 # The defaults, documented key by key; mount a ConfigMap over /etc/stream-worker to change them.
 COPY config.yaml /etc/stream-worker/config.yaml
 
