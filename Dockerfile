@@ -27,7 +27,8 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 
 # pip's downloads (the CUDA wheels are ~3 GB) stay in a build cache mount for the next build,
-# never in a layer.
+# never in a layer (where the index's responses are cacheable: a proxy that strips their caching
+# headers leaves pip nothing to store).
 COPY requirements.lock ./
 RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     /opt/venv/bin/pip install --require-hashes --only-binary=:all: --no-deps -r requirements.lock
