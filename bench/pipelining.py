@@ -32,6 +32,13 @@ SPEEDS = (500, 2000, 5000, 20000)
 IN_FLIGHT = (1, 2)
 BATCH = 64
 BEGIN, END = "<!-- bench.pipelining: begin -->", "<!-- bench.pipelining: end -->"
+HOST_COST = {
+    "trivial network, 0 draws": (0, {}),
+    # libgomp's threads spin after each parallel region; passive waiting shows what that spinning costs
+    "trivial network, 0 draws, OMP_WAIT_POLICY=PASSIVE": (0, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "trivial network, 20 draws": (20, {}),
+}
+"""Host-cost rows: draws and extra environment of the real-engine worker on the trivial network."""
 
 
 def measure(messages: int, rounds: int) -> dict:
@@ -43,10 +50,10 @@ def measure(messages: int, rounds: int) -> dict:
         count = 0
 
         def phase(module: str = "stream_worker", spectra_per_s: float | None = None, n: int = messages,
-                  paced: float | None = None, **settings) -> dict:
+                  paced: float | None = None, env: dict | None = None, **settings) -> dict:
             nonlocal count
             count += 1
-            env = {"STANDIN_SPECTRA_PER_S": str(spectra_per_s or 0)}
+            env = {"STANDIN_SPECTRA_PER_S": str(spectra_per_s or 0), **(env or {})}
             return run_worker_phase(kafka, tmp, f"p{count}", trivial, n, paced, BATCH, module=module, extra_env=env,
                                     **settings)
 
@@ -57,9 +64,9 @@ def measure(messages: int, rounds: int) -> dict:
                     run = phase("bench.standin_worker", speed, worker__max_batches_in_flight=in_flight,
                                 engine__num_draws=0)
                     results["overlap"].setdefault((speed, in_flight), []).append(run)
-            for draws in (0, 20):
-                run = phase(engine__num_draws=draws, n=messages if draws == 0 else messages // 10)
-                results["host_cost"].setdefault(draws, []).append(run)
+            for label, (draws, env) in HOST_COST.items():
+                run = phase(engine__num_draws=draws, n=messages if draws == 0 else messages // 10, env=env)
+                results["host_cost"].setdefault(label, []).append(run)
             for in_flight in IN_FLIGHT:
                 run = phase("bench.standin_worker", SPEEDS[0], n=200, paced=SPEEDS[0] / 4,
                             worker__max_batches_in_flight=in_flight, engine__num_draws=0)
@@ -113,8 +120,8 @@ def section(results: dict, messages: int, rounds: int) -> str:
         "| worker | spectra | CPU ms per spectrum | spectra/s |",
         "|---|---:|---:|---:|",
     ]
-    for draws, runs in cost.items():
-        lines.append(f"| trivial network, {draws} draws | {runs[0]['spectra']:,} | "
+    for label, runs in cost.items():
+        lines.append(f"| {label} | {runs[0]['spectra']:,} | "
                      f"{_range([r['cpu_ms_per_spectrum'] for r in runs], 2)} | "
                      f"{_range([r['spectra_per_s'] for r in runs])} |")
     for in_flight in IN_FLIGHT:

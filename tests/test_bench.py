@@ -99,7 +99,8 @@ def test_the_pipelining_section_states_each_speed_against_min_of_host_and_engine
     for speed in SPEEDS:
         overlap[(speed, 1)] = [run(1 / (1 / speed + 1 / 2500))]
         overlap[(speed, 2)] = [run(0.95 * min(speed, 4000))]
-    results = {"overlap": overlap, "host_cost": {0: [run(1500.0, 0.31)], 20: [run(300.0, 2.5)]},
+    results = {"overlap": overlap, "host_cost": {"trivial network, 0 draws": [run(1500.0, 0.31)],
+                                                  "trivial network, 20 draws": [run(300.0, 2.5)]},
                "latency": {1: [run(0, p50=0.62)], 2: [run(0, p50=0.61)]}}
     text = section(results, 3000, 1)
     assert "| 2,000 | 1,111 | 1,900 | 2,000 | 95% | 56% |" in text
