@@ -95,6 +95,7 @@ class MetricsConfig:
 class LoggingConfig:
     level: str = "INFO"
     format: str = "json"
+    repeat_summary_seconds: float = 30.0
 
 
 @dataclass
@@ -236,6 +237,9 @@ def _check(config: Config) -> Config:
         raise ConfigError("kafka.input_topics: at least one input topic is needed")
     if config.engine.num_draws < 0 or config.engine.num_draws == 1:
         raise ConfigError(f"engine.num_draws: must be 0 (no uncertainties) or at least 2, found {config.engine.num_draws}")
+    if config.logging.repeat_summary_seconds < 0:
+        raise ConfigError(f"logging.repeat_summary_seconds: must be 0 (write every line) or more, "
+                          f"found {config.logging.repeat_summary_seconds}")
     if not 0 < config.metrics.port < 65536:
         raise ConfigError(f"metrics.port: must be a TCP port, found {config.metrics.port}")
     if config.kafka.max_poll_interval_ms <= config.kafka.session_timeout_ms:

@@ -55,6 +55,7 @@ def test_environment_overrides(tmp_path):
         ("kafka:\n  result_format: fits\n", "kafka.result_format: must be a format that encodes one record"),
         ("engine:\n  precision: bf16\n", "engine.precision: must be one of"),
         ("engine:\n  kernels: fastest\n", "engine.kernels: must be measure, rules or a plan's label"),
+        ("logging:\n  repeat_summary_seconds: -1\n", "logging.repeat_summary_seconds: must be 0"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path, yaml_text, key):
