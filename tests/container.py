@@ -58,11 +58,13 @@ class WorkingContainer:
         self.started: list[subprocess.Popen] = []
 
     def start(self, argv: list[str], env: dict[str, str] | None = None, volumes: dict[Path, str] | None = None,
-              read_only_root: bool = True, **popen) -> subprocess.Popen:
-        """``argv`` as the image's user; ``volumes`` maps host paths to read-only container paths."""
-        command = ["buildah", "run", "--isolation", "chroot", "--network", "host", "--user", self.image.user,
+              read_only_root: bool = True, user: str | None = None, **popen) -> subprocess.Popen:
+        """``argv`` as the image's user (or ``user``); ``volumes`` maps host paths to read-only container paths."""
+        command = ["buildah", "run", "--isolation", "chroot", "--network", "host", "--user", user or self.image.user,
                    "--mount", "type=tmpfs,destination=/tmp"]
         volumes = volumes or {}
+        for inside in volumes.values():  # the mount points, made first as a runtime does: a read-only
+            (self.rootfs / inside.lstrip("/")).mkdir(parents=True, exist_ok=True)  # parent takes none later
         if read_only_root:
             for entry in sorted(os.listdir(self.rootfs)):
                 mounted_over = f"/{entry}" in volumes.values()

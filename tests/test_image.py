@@ -74,6 +74,10 @@ def test_image_runs_as_its_user_with_its_labels_and_nothing_from_the_build(image
     compilers = container.run(["sh", "-c", "for c in gcc cc c++ g++ clang make; do command -v $c; done; true"])
     assert compilers.stdout == "", f"compilers in the runtime image: {compilers.stdout}"
 
+    # Read-only even for root, as readOnlyRootFilesystem makes it; /tmp is the writable place.
+    probe = container.run(["sh", "-c", "touch /tmp/probe && touch /etc/probe"], user="0:0")
+    assert probe.returncode != 0 and "Read-only file system" in probe.stderr, probe.stderr
+
     root = container.rootfs
     leftovers = [p for p in ["src", "root/.cache", "tmp/.cache"] if (root / p).exists()]
     leftovers += [str(p.relative_to(root)) for p in (root / "opt" / "venv").rglob("*")
