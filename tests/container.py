@@ -58,18 +58,18 @@ class WorkingContainer:
         self.started: list[subprocess.Popen] = []
 
     def start(self, argv: list[str], env: dict[str, str] | None = None, volumes: dict[Path, str] | None = None,
-              read_only_root: bool = True, user: str | None = None, **popen) -> subprocess.Popen:
-        """``argv`` as the image's user (or ``user``); ``volumes`` maps host paths to read-only container paths."""
+              user: str | None = None, **popen) -> subprocess.Popen:
+        """``argv`` as the image's user (or ``user``) on the read-only root; ``volumes`` maps host
+        paths to read-only container paths."""
         command = ["buildah", "run", "--isolation", "chroot", "--network", "host", "--user", user or self.image.user,
                    "--mount", "type=tmpfs,destination=/tmp"]
         volumes = volumes or {}
         for inside in volumes.values():  # the mount points, made first as a runtime does: a read-only
             (self.rootfs / inside.lstrip("/")).mkdir(parents=True, exist_ok=True)  # parent takes none later
-        if read_only_root:
-            for entry in sorted(os.listdir(self.rootfs)):
-                mounted_over = f"/{entry}" in volumes.values()
-                if entry not in WRITABLE and not mounted_over and not (self.rootfs / entry).is_symlink():
-                    command += ["-v", f"{self.rootfs / entry}:/{entry}:ro"]
+        for entry in sorted(os.listdir(self.rootfs)):
+            mounted_over = f"/{entry}" in volumes.values()
+            if entry not in WRITABLE and not mounted_over and not (self.rootfs / entry).is_symlink():
+                command += ["-v", f"{self.rootfs / entry}:/{entry}:ro"]
         for host, inside in volumes.items():
             command += ["-v", f"{host}:{inside}:ro"]
         for key, value in (env or {}).items():

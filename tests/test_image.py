@@ -4,7 +4,7 @@ real local broker the way Kubernetes runs it (k8s/base): read-only root filesyst
 /tmp, settings from the environment, weights from a mounted directory.
 
 Marked ``image`` and ``slow``: a cold build downloads torch's CUDA wheels (~3 GB; a rebuild
-reuses buildah's layers and pip's build cache). ``.ci/run`` runs it with the rest.
+reuses buildah's layers). ``.ci/run`` runs it with the rest.
 """
 
 from __future__ import annotations
