@@ -125,6 +125,16 @@ def log_tail(path: Path, lines: int = 40) -> str:
     return f"--- last lines of {path} (stack frames omitted) ---\n" + "\n".join(kept[-lines:])
 
 
+def run_as(user: str | None) -> dict:
+    """subprocess options that run a child as ``user`` (with that user's group and no others)."""
+    if user is None:
+        return {}
+    import pwd
+
+    account = pwd.getpwnam(user)
+    return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+
+
 class ServiceError(RuntimeError):
     """A local service failed to start or become ready; the message carries its log tail."""
 
@@ -136,9 +146,12 @@ class ServiceProcess:
     shutdown always goes through stop() and is orderly.
     """
 
-    def __init__(self, name: str, log_path: Path) -> None:
+    def __init__(self, name: str, log_path: Path, stop_signal: signal.Signals = signal.SIGTERM) -> None:
+        """``stop_signal``: what asks this server for an orderly shutdown (PostgreSQL's SIGTERM
+        waits for every client to disconnect; its SIGINT does not)."""
         self.name = name
         self.log_path = log_path
+        self.stop_signal = stop_signal
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -149,23 +162,24 @@ class ServiceProcess:
     def returncode(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
 
-    def start(self, argv: Sequence[str], cwd: Path) -> None:
+    def start(self, argv: Sequence[str], cwd: Path, user: str | None = None) -> None:
+        """``user``: the account to run as (a server that refuses root, started by root)."""
         if self.running:
             raise ServiceError(f"{self.name} is already running")
         log.info("starting %s: %s", self.name, " ".join(argv))
         with open(self.log_path, "ab") as out:
             self._proc = subprocess.Popen(
                 argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, **run_as(user),
             )
 
     def stop(self, timeout: float = 30) -> None:
-        """SIGTERM, then SIGKILL if the process has not exited within ``timeout`` seconds."""
+        """``stop_signal``, then SIGKILL if the process has not exited within ``timeout`` seconds."""
         if not self.running:
             return
         assert self._proc is not None
         log.info("stopping %s", self.name)
-        self._signal(signal.SIGTERM)
+        self._signal(self.stop_signal)
         try:
             self._proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -1,4 +1,4 @@
-"""A worker in a child process, configured through the environment as in a container.
+"""A worker (or the results sink) in a child process, configured through the environment as in a container.
 
 Used by the integration tests and the quickstart: start it, wait for /readyz, read /metrics,
 then SIGTERM (drain) or SIGKILL (crash) it.
@@ -20,9 +20,10 @@ from devtools.kafka_broker import free_ports
 
 class WorkerProcess:
     def __init__(self, log_path: Path, cwd: Path | None = None, module: str = "stream_worker",
-                 extra_env: dict | None = None, **settings) -> None:
+                 extra_env: dict | None = None, command: str = "run", **settings) -> None:
         """``settings`` are config keys as ``section__key=value`` (e.g. ``kafka__group_id="g"``);
-        ``module`` is what ``python -m`` runs (tests substitute a fault-injecting wrapper)."""
+        ``module`` is what ``python -m`` runs (tests substitute a fault-injecting wrapper), with
+        the sub-command ``command`` (``run``, or ``sink``)."""
         self.port = free_ports(1)[0]
         values = {"metrics__port": self.port, "metrics__host": "127.0.0.1", "logging__format": "text", **settings}
         environ = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_WORKER__")}
@@ -31,7 +32,7 @@ class WorkerProcess:
         self.log_path = log_path
         self.log = open(log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", module, "run"], env=environ, cwd=cwd,
+            [sys.executable, "-m", module, command], env=environ, cwd=cwd,
             stdout=self.log, stderr=subprocess.STDOUT,
         )
 

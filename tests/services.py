@@ -1,4 +1,4 @@
-"""Pytest fixtures that run the real local services (Kafka broker, Prometheus server).
+"""Pytest fixtures that run the real local services (Kafka broker, Prometheus, PostgreSQL).
 
 Registered from tests/conftest.py with ``pytest_plugins = ["tests.services"]``.
 
@@ -18,6 +18,7 @@ from typing import NoReturn
 import pytest
 
 from devtools.kafka_broker import LocalKafka, create_topic
+from devtools.postgres_server import LocalPostgres
 from devtools.prometheus_server import LocalPrometheus
 
 BOOTSTRAP_ENV = "STREAM_WORKER_TEST_BOOTSTRAP"
@@ -90,3 +91,11 @@ def prometheus_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
     yield factory
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
+    """One PostgreSQL server shared by the whole session; give each test its own schema
+    (``unique_topic("sink").replace("-", "_")``)."""
+    with LocalPostgres(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
