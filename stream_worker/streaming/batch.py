@@ -24,19 +24,10 @@ from stream_worker.core.spectrum import InputError, Spectrum, validate_spectrum
 from stream_worker.engine.estimator import Estimator
 from stream_worker.io.files import FileReader
 from stream_worker.io.serializers import Serializer, serializer
-from stream_worker.io.wire import FileReference, dead_letter_headers, decode_input
+from stream_worker.io.wire import FileReference, decode_input
+from stream_worker.streaming.outgoing import Outgoing, dead_letter_message, where
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """A message to publish: a result or a dead letter."""
-
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]]
 
 
 @dataclass
@@ -134,7 +125,7 @@ class Pipeline:
             except InputError as exc:
                 done[index] = self._dead_letter(message, exc.reason, str(exc))
             except Exception as exc:  # a bug or an unforeseen input must not stop the stream
-                log.exception("unexpected error decoding %s", _where(message))
+                log.exception("unexpected error decoding %s", where(message))
                 done[index] = self._dead_letter(message, "internal_error", f"{type(exc).__name__}: {exc}")
         return Prepared(messages, accepted, done)
 
@@ -161,7 +152,7 @@ class Pipeline:
             try:
                 value = self.result_format.encode(record)
             except (ValueError, UnicodeError) as exc:  # one bad record must not fail the batch
-                log.exception("cannot encode the record of %s", _where(message))
+                log.exception("cannot encode the record of %s", where(message))
                 done[index] = self._dead_letter(message, "internal_error", f"{type(exc).__name__}: {exc}")
                 continue
             outgoing = Outgoing(self.output_topic, spectrum.spectrum_id.encode(), value, self.result_headers)
@@ -174,21 +165,9 @@ class Pipeline:
         return self.finish(prepared, self.infer(prepared))
 
     def _dead_letter(self, message, reason: str, text: str) -> Item:
-        log.warning("dead-lettering %s: [%s] %s", _where(message), reason, text,
-                    extra={"reason": reason, "topic": message.topic, "partition": message.partition,
-                           "offset": message.offset})
-        headers = dead_letter_headers(message.headers, reason, text, message.topic, message.partition, message.offset)
-        value = message.value or b""
-        if len(value) > self.max_message_bytes:  # would not fit the producer's limit: keep the evidence, not the bytes
-            headers.append(("dlq.original_size", str(len(value)).encode()))
-            value = b""
-        outgoing = Outgoing(self.dead_letter_topic, message.key, value, headers)
+        outgoing = dead_letter_message(message, reason, text, self.dead_letter_topic, self.max_message_bytes)
         return Item(_source(message), outgoing, dead_letter=DeadLetter(reason, text))
 
 
 def _source(message) -> TopicPartition:
     return TopicPartition(message.topic, message.partition)
-
-
-def _where(message) -> str:
-    return f"{message.topic}[{message.partition}]@{message.offset}"

@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 
 from stream_worker.config import Config
 
@@ -71,6 +71,33 @@ def make_producer(config: Config) -> KafkaProducer:
     if kafka.delivery == "exactly_once":
         producer.init_transactions()
     return producer
+
+
+def partition_lag(consumer, timeout_ms: int = 2000) -> dict:
+    """Per assigned partition, messages between the consumer's position and the partition's end
+    (what KEDA scales on); raises kafka-python's errors when the broker does not answer."""
+    partitions = list(consumer.assignment())
+    ends = consumer.end_offsets(partitions, timeout_ms=timeout_ms)
+    lag = {}
+    for tp in partitions:
+        position = consumer.position(tp, timeout_ms=timeout_ms)
+        if position is not None and tp in ends:
+            lag[tp] = max(0, ends[tp] - position)
+    return lag
+
+
+class Rebalance(ConsumerRebalanceListener):
+    """Hands a consumer's rebalance callbacks to ``owner.on_revoked`` / ``owner.on_assigned``
+    (the worker, the sink): kafka-python wants a listener object."""
+
+    def __init__(self, owner) -> None:
+        self.owner = owner
+
+    def on_partitions_revoked(self, revoked) -> None:
+        self.owner.on_revoked(revoked)
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self.owner.on_assigned(assigned)
 
 
 class BrokerProbe:

@@ -91,6 +91,21 @@ class Metrics:
                 self.flag_bad.inc()
 
 
+def show_lag(gauge: Gauge, lag: dict) -> None:
+    """``lag`` (TopicPartition -> messages) into a ``{topic, partition}`` gauge."""
+    for tp, messages in lag.items():
+        gauge.labels(topic=tp.topic, partition=str(tp.partition)).set(messages)
+
+
+def forget_lag(gauge: Gauge, owned) -> None:
+    """Drops the lag of partitions no longer ``owned``: their new owner reports it."""
+    keep = {(tp.topic, tp.partition) for tp in owned}
+    for metric in gauge.collect():
+        for sample in metric.samples:
+            if (sample.labels["topic"], int(sample.labels["partition"])) not in keep:
+                gauge.remove(sample.labels["topic"], sample.labels["partition"])
+
+
 class HealthServer:
     """Serves /metrics, /healthz (the process answers) and /readyz (``ready()`` says why not)."""
 

@@ -34,14 +34,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from kafka import ConsumerRebalanceListener
 from kafka.errors import ProducerFencedError
 from kafka.structs import TopicPartition
 
 from stream_worker.config import Config
 from stream_worker.streaming.batch import BatchResult, Pipeline, Prepared
 from stream_worker.streaming.checkpoint import BatchOffsets, Checkpoint
-from stream_worker.streaming.metrics import Metrics
+from stream_worker.streaming.kafka_clients import Rebalance, partition_lag
+from stream_worker.streaming.metrics import Metrics, forget_lag, show_lag
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +92,6 @@ class Batch:
     submitted: float
     result: BatchResult | None = None
     sent: list | None = None
-
-
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-
-    def on_partitions_revoked(self, revoked) -> None:
-        self.worker.on_revoked(revoked)
-
-    def on_partitions_assigned(self, assigned) -> None:
-        self.worker.on_assigned(assigned)
 
 
 class Worker:
@@ -160,7 +149,7 @@ class Worker:
             # assigns nothing, and the rejoin that follows can stall the group.
             if not self.consumer.partitions_for_topic(topic):
                 log.warning("input topic %s does not exist (yet); waiting for it to appear", topic)
-        self.consumer.subscribe(self.config.kafka.input_topics, listener=_Rebalance(self))
+        self.consumer.subscribe(self.config.kafka.input_topics, listener=Rebalance(self))
         log.info("consuming %s as group %s (%s, up to %d batches in flight)", self.config.kafka.input_topics,
                  self.config.kafka.group_id, self.config.kafka.delivery, self.max_in_flight)
         self.metrics.ready.set_function(lambda: int(self.ready()[0]))
@@ -414,10 +403,7 @@ class Worker:
         self.checkpoint.reconcile(owned, self.pending)
         if self.paused:  # newly assigned partitions wait for the batches in flight too
             self.consumer.pause(*owned)
-        for metric in self.metrics.consumer_lag.collect():
-            for sample in metric.samples:
-                if TopicPartition(sample.labels["topic"], int(sample.labels["partition"])) not in owned:
-                    self.metrics.consumer_lag.remove(sample.labels["topic"], sample.labels["partition"])
+        forget_lag(self.metrics.consumer_lag, owned)
         self.last_lag_refresh = 0.0
 
     # ------------------------------------------------------------------ lag
@@ -427,13 +413,7 @@ class Worker:
         if time.monotonic() - self.last_lag_refresh < LAG_REFRESH_SECONDS or not self.assigned:
             return
         self.last_lag_refresh = time.monotonic()
-        partitions = [tp for tp in self.consumer.assignment()]
         try:
-            ends = self.consumer.end_offsets(partitions, timeout_ms=2000)
-            for tp in partitions:
-                position = self.consumer.position(tp, timeout_ms=2000)
-                if position is not None and tp in ends:
-                    self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
-                        max(0, ends[tp] - position))
+            show_lag(self.metrics.consumer_lag, partition_lag(self.consumer))
         except Exception as exc:
             log.warning("cannot read partition end offsets for the lag: %s: %s", type(exc).__name__, exc)

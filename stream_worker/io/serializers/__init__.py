@@ -26,13 +26,16 @@ FORMATS = {
 @dataclass(frozen=True)
 class Serializer:
     """``write`` puts a list of records into a binary file; ``encode`` turns one record into a
-    message value (``None`` for formats that only make files), sent with ``content_type``."""
+    message value (``None`` for formats that only make files), sent with ``content_type``;
+    ``decode`` turns such a value back into the record (the results sink reads with it) or raises
+    ValueError."""
 
     name: str
     suffixes: tuple[str, ...]
     write: Callable[[list[dict], BinaryIO], None]
     encode: Callable[[dict], bytes] | None = None
     content_type: str | None = None
+    decode: Callable[[bytes], dict] | None = None
 
 
 def serializer(name: str) -> Serializer:

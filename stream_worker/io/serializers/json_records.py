@@ -16,6 +16,18 @@ def encode(record: dict) -> bytes:
     return json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
 
 
+def decode(value: bytes) -> dict:
+    """The record in a message value; NaN and infinity are refused as ``encode`` never writes them."""
+    record = json.loads(value, parse_constant=_refuse_constant)
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, found {type(record).__name__}")
+    return record
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid in a result record (a missing number is null)")
+
+
 def write_array(records: list[dict], stream: BinaryIO) -> None:
     stream.write(b"[" + b",\n".join(encode(record) for record in records) + b"]\n")
 
@@ -26,6 +38,6 @@ def write_lines(records: list[dict], stream: BinaryIO) -> None:
 
 
 SERIALIZERS = {
-    "json": Serializer("json", (".json",), write_array, encode, RESULT_CONTENT_TYPE),
-    "jsonl": Serializer("jsonl", (".jsonl",), write_lines, encode, RESULT_CONTENT_TYPE),
+    "json": Serializer("json", (".json",), write_array, encode, RESULT_CONTENT_TYPE, decode),
+    "jsonl": Serializer("jsonl", (".jsonl",), write_lines, encode, RESULT_CONTENT_TYPE, decode),
 }
