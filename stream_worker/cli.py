@@ -76,6 +76,18 @@ def cmd_run(args: argparse.Namespace, config) -> int:
             health.stop()
 
 
+def cmd_sink(args: argparse.Namespace, config) -> int:
+    """The results sink: the results topic into PostgreSQL until SIGTERM."""
+    from stream_worker.sink.wiring import build_sink
+
+    sink, health = build_sink(config)
+    try:
+        return sink.run()
+    finally:
+        if health is not None:
+            health.stop()
+
+
 def cmd_produce(args: argparse.Namespace, config) -> int:
     """Publishes apStar spectra as input messages (inline arrays or file references)."""
     from stream_worker.core.spectrum import InputError
@@ -148,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="run the streaming worker (Kafka in, Kafka out)")
     _engine_options(run)
     run.set_defaults(func=cmd_run)
+
+    sink = sub.add_parser("sink", parents=[common], help="store the results topic in PostgreSQL (the sink: section)")
+    sink.set_defaults(func=cmd_sink)
 
     produce = sub.add_parser("produce", parents=[common], help="publish apStar spectra as input messages")
     produce.add_argument("files", nargs="+", type=Path)

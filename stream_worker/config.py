@@ -3,13 +3,15 @@
 Environment variables ``STREAM_WORKER__<SECTION>__<KEY>`` override the file (values are parsed
 as YAML, so ``[a, b]``, ``3`` and ``true`` work): containers change settings without a new file.
 Every problem is reported with the dotted key that caused it. Secrets never live in the file:
-the SASL password comes from ``STREAM_WORKER_SASL_PASSWORD`` or ``kafka.sasl_password_file``.
+the SASL password comes from ``STREAM_WORKER_SASL_PASSWORD`` or ``kafka.sasl_password_file``, the
+results database's from ``STREAM_WORKER_SINK_PASSWORD`` or ``sink.password_file``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from stream_worker.engine.precision import MODES
 
 ENV_PREFIX = "STREAM_WORKER__"
 SASL_PASSWORD_ENV = "STREAM_WORKER_SASL_PASSWORD"
+SINK_PASSWORD_ENV = "STREAM_WORKER_SINK_PASSWORD"
 
 
 class ConfigError(ValueError):
@@ -106,6 +109,21 @@ class WorkerConfig:
 
 
 @dataclass
+class SinkConfig:
+    """``stream-worker sink``: the results topic into a PostgreSQL table."""
+
+    database: str = "host=127.0.0.1 port=5432 dbname=apogee user=stream_worker"
+    password_file: str | None = None
+    db_schema: str = "apogee"
+    topic: str | None = None
+    group_id: str = "stream-worker-sink"
+    dead_letter_topic: str | None = None
+    max_rows: int = 500
+    connect_timeout_seconds: float = 10.0
+    retry_max_seconds: float = 30.0
+
+
+@dataclass
 class Config:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -114,17 +132,27 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    sink: SinkConfig = field(default_factory=SinkConfig)
 
     def sasl_password(self) -> str | None:
         """The SASL password from the environment or the configured file, never from YAML."""
-        if SASL_PASSWORD_ENV in os.environ:
-            return os.environ[SASL_PASSWORD_ENV]
-        if self.kafka.sasl_password_file:
-            try:
-                return Path(self.kafka.sasl_password_file).read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"kafka.sasl_password_file: cannot read it: {exc}") from exc
-        return None
+        return _secret(SASL_PASSWORD_ENV, self.kafka.sasl_password_file, "kafka.sasl_password_file")
+
+    def sink_password(self) -> str | None:
+        """The results database's password from the environment or the configured file, never from
+        YAML; ``None`` leaves it to libpq (``PGPASSWORD``, ``~/.pgpass``, or no password)."""
+        return _secret(SINK_PASSWORD_ENV, self.sink.password_file, "sink.password_file")
+
+
+def _secret(env: str, path: str | None, key: str) -> str | None:
+    if env in os.environ:
+        return os.environ[env]
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read it: {exc}") from exc
+    return None
 
 
 CHOICES = {
@@ -142,7 +170,7 @@ POSITIVE = {
     "kafka.max_request_size", "kafka.fetch_max_bytes", "kafka.max_partition_fetch_bytes",
     "batching.max_spectra", "batching.max_wait_seconds", "engine.batch_size", "engine.chunk_spectra",
     "engine.num_threads", "inputs.max_message_bytes", "worker.shutdown_grace_seconds", "worker.poll_timeout_ms",
-    "worker.max_batches_in_flight",
+    "worker.max_batches_in_flight", "sink.max_rows", "sink.connect_timeout_seconds", "sink.retry_max_seconds",
 }
 SECRET_KEYS = {"sasl_password", "password", "ssl_password"}
 
@@ -191,8 +219,8 @@ def _build(cls, data: dict, prefix: str):
         dotted = f"{prefix}{key}"
         if key in SECRET_KEYS:
             raise ConfigError(
-                f"{dotted}: secrets do not belong in the config file; set {SASL_PASSWORD_ENV} "
-                "or kafka.sasl_password_file"
+                f"{dotted}: secrets do not belong in the config file; set {SASL_PASSWORD_ENV} or "
+                f"kafka.sasl_password_file (Kafka), {SINK_PASSWORD_ENV} or sink.password_file (the results database)"
             )
         if key not in names:
             raise ConfigError(f"{dotted}: unknown setting (known: {', '.join(sorted(names))})")
@@ -233,6 +261,7 @@ def _check(config: Config) -> Config:
                 raise ConfigError(f"{key}: must be positive, found {value!r}")
     _check_result_format(config.kafka.result_format)
     _check_kernels(config.engine.kernels)
+    _check_sink(config.sink)
     if not config.kafka.input_topics:
         raise ConfigError("kafka.input_topics: at least one input topic is needed")
     if config.engine.num_draws < 0 or config.engine.num_draws == 1:
@@ -254,6 +283,21 @@ def _check(config: Config) -> Config:
     if config.kafka.security_protocol.startswith("SASL") and not config.kafka.sasl_mechanism:
         raise ConfigError("kafka.sasl_mechanism: required with a SASL security protocol")
     return config
+
+
+def _check_sink(sink: SinkConfig) -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", sink.db_schema):
+        raise ConfigError(f"sink.db_schema: must be a lower-case PostgreSQL name (letters, digits, _), "
+                          f"found {sink.db_schema!r}")
+    try:
+        options = conninfo_to_dict(sink.database)
+    except Exception as exc:  # psycopg.ProgrammingError, whose text says where the string is wrong
+        raise ConfigError(f"sink.database: not a libpq connection string: {str(exc).strip()}") from None
+    if "password" in options:
+        raise ConfigError(f"sink.database: holds a password; secrets do not belong in the config file: "
+                          f"set {SINK_PASSWORD_ENV} or sink.password_file")
 
 
 def _check_kernels(value: str) -> None:
