@@ -110,8 +110,14 @@ def one(docs, kind: str) -> dict:
     return found[0]
 
 
-def container(docs) -> dict:
-    (c,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+def deployment(docs, name: str = "stream-worker") -> dict:
+    """The worker's Deployment (or, by name, the sink's: stream-worker-sink)."""
+    (found,) = [doc for doc in by_kind(docs, "Deployment") if doc["metadata"]["name"] == name]
+    return found
+
+
+def container(docs, name: str = "stream-worker") -> dict:
+    (c,) = deployment(docs, name)["spec"]["template"]["spec"]["containers"]
     return c
 
 
@@ -131,11 +137,12 @@ def dashboard() -> dict:
 
 
 def worker_metric_names() -> set[str]:
-    """Every series name the worker exposes (histograms: _bucket/_sum/_count), plus up."""
+    """Every series name the worker and the sink expose (histograms: _bucket/_sum/_count), plus up."""
+    from stream_worker.sink.metrics import SinkMetrics
     from stream_worker.streaming.metrics import Metrics
 
     names = {"up"}
-    for family in Metrics().registry.collect():
+    for family in [*Metrics().registry.collect(), *SinkMetrics().registry.collect()]:
         if family.type == "histogram":
             names |= {f"{family.name}_bucket", f"{family.name}_sum", f"{family.name}_count"}
         elif family.type == "counter":
@@ -218,8 +225,9 @@ def test_every_kustomization_renders(kustomization):
                                        "labels": {"app.kubernetes.io/part-of": "apogee-streaming"}}
     else:
         autoscaler = "HorizontalPodAutoscaler" if kustomization.endswith("hpa") else "ScaledObject"
-        assert kinds == sorted(["ConfigMap", "ConfigMap", "Deployment", "PersistentVolumeClaim", "PodDisruptionBudget",
-                                "PodMonitor", "PrometheusRule", "Service", "ServiceAccount", autoscaler])
+        assert kinds == sorted(["ConfigMap", "ConfigMap", "Deployment", "Deployment", "PersistentVolumeClaim",
+                                "PodDisruptionBudget", "PodMonitor", "PodMonitor", "PrometheusRule", "Service",
+                                "ServiceAccount", autoscaler])
         assert {doc["metadata"].get("namespace") for doc in docs} == {"apogee"}
 
 
@@ -336,8 +344,7 @@ def test_the_container_arguments_run_the_worker_with_the_mounted_config(overlay)
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_deployment_security_probes_volumes_and_shutdown(overlay):
     docs = render(f"overlays/{overlay}")
-    deployment = one(docs, "Deployment")
-    spec = deployment["spec"]
+    spec = deployment(docs)["spec"]
     pod = spec["template"]["spec"]
     c = container(docs)
     assert "replicas" not in spec, "the autoscaler owns the replica count"
@@ -375,7 +382,7 @@ def test_deployment_security_probes_volumes_and_shutdown(overlay):
 def test_gpu_overlays_ask_for_one_gpu_and_the_cpu_overlay_for_none(overlay):
     docs = render(f"overlays/{overlay}")
     c = container(docs)
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    pod = deployment(docs)["spec"]["template"]["spec"]
     if overlay in GPU_RESOURCE:
         # One whole GPU, or one shared slice of one (never both).
         gpu = {k: v for k, v in c["resources"]["limits"].items() if k.startswith("nvidia.com/")}
@@ -432,10 +439,10 @@ def test_the_device_plugin_config_shares_gpus_as_the_shared_resource_the_pods_as
 
 
 def test_the_shared_gpu_overlay_is_the_gpu_overlay_but_for_the_gpu_request_and_the_engine_settings():
-    exclusive, shared = one(render("overlays/gpu"), "Deployment"), one(render("overlays/gpu-shared"), "Deployment")
+    exclusive, shared = deployment(render("overlays/gpu")), deployment(render("overlays/gpu-shared"))
     exclusive, shared = json.loads(json.dumps(exclusive)), json.loads(json.dumps(shared))
-    for deployment, resource in ((exclusive, "nvidia.com/gpu"), (shared, "nvidia.com/gpu.shared")):
-        c = deployment["spec"]["template"]["spec"]["containers"][0]
+    for chosen, resource in ((exclusive, "nvidia.com/gpu"), (shared, "nvidia.com/gpu.shared")):
+        c = chosen["spec"]["template"]["spec"]["containers"][0]
         del c["resources"]["limits"][resource]
         c["env"] = [e for e in c["env"] if e["name"] not in ("STREAM_WORKER__ENGINE__NUM_THREADS",
                                                              "STREAM_WORKER__ENGINE__KERNELS")]
@@ -447,13 +454,60 @@ def test_service_and_podmonitor_scrape_the_metrics_port_as_job_stream_worker():
     docs = render("overlays/gpu")
     service = one(docs, "Service")
     assert service["spec"]["ports"] == [{"name": "metrics", "port": 9108, "targetPort": "metrics", "protocol": "TCP"}]
-    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    pod_labels = deployment(docs)["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    monitor = one(docs, "PodMonitor")["spec"]
+    (monitor,) = [m["spec"] for m in by_kind(docs, "PodMonitor") if m["metadata"]["name"] == "stream-worker"]
     assert monitor["selector"]["matchLabels"].items() <= pod_labels.items()
     assert [e["port"] for e in monitor["podMetricsEndpoints"]] == ["metrics"]
     # job = the value of the pod label named by jobLabel: what the rules and dashboard select.
     assert pod_labels[monitor["jobLabel"]] == "stream-worker"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_sink_runs_the_same_image_on_the_same_config_with_its_password_from_a_secret(overlay):
+    from stream_worker.cli import build_parser
+    from stream_worker.config import ENV_PREFIX, SINK_PASSWORD_ENV, load_config
+
+    docs = render(f"overlays/{overlay}")
+    sink, worker = deployment(docs, "stream-worker-sink"), deployment(docs)
+    c, pod = container(docs, "stream-worker-sink"), sink["spec"]["template"]["spec"]
+    assert build_parser().parse_args(c["args"]).command == "sink" and "command" not in c
+    assert c["image"] == container(docs)["image"]
+    assert pod["volumes"][0] == worker["spec"]["template"]["spec"]["volumes"][0]  # the generated ConfigMap
+    overrides = {e["name"]: e["value"] for e in c["env"] if "value" in e and e["name"].startswith(ENV_PREFIX)}
+    config = load_config(BASE_CONFIG, environ=overrides)
+    assert config.sink.topic is None and config.kafka.output_topic == "apogee.results"
+    (secret,) = [e for e in c["env"] if e["name"] == SINK_PASSWORD_ENV]
+    assert secret["valueFrom"]["secretKeyRef"] == {"name": "stream-worker-sink-db", "key": "password"}  # required
+    assert "password" not in config.sink.database
+    # At most one sink per results partition: more would idle.
+    assert 1 <= sink["spec"]["replicas"] <= topics()[config.kafka.output_topic]["spec"]["partitions"]
+    # Hardened like the worker; no GPU, no weights.
+    assert c["securityContext"] == container(docs)["securityContext"]
+    assert pod["securityContext"] == worker["spec"]["template"]["spec"]["securityContext"]
+    assert "nvidia.com" not in json.dumps(sink) and "weights" not in json.dumps(pod["volumes"])
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+
+
+def test_worker_and_sink_pods_are_selected_apart_and_scraped_as_their_own_jobs():
+    docs = render("overlays/gpu")
+    worker_pod = deployment(docs)["spec"]["template"]["metadata"]["labels"]
+    sink_pod = deployment(docs, "stream-worker-sink")["spec"]["template"]["metadata"]["labels"]
+    monitors = {m["metadata"]["name"]: m["spec"] for m in by_kind(docs, "PodMonitor")}
+    selectors = {
+        "worker Deployment": deployment(docs)["spec"]["selector"]["matchLabels"],
+        "worker PodMonitor": monitors["stream-worker"]["selector"]["matchLabels"],
+        "Service": one(docs, "Service")["spec"]["selector"],
+        "PodDisruptionBudget": one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+    }
+    for what, selector in selectors.items():
+        assert selector.items() <= worker_pod.items() and not selector.items() <= sink_pod.items(), what
+    for selector in (deployment(docs, "stream-worker-sink")["spec"]["selector"]["matchLabels"],
+                     monitors["stream-worker-sink"]["selector"]["matchLabels"]):
+        assert selector.items() <= sink_pod.items() and not selector.items() <= worker_pod.items()
+    assert sink_pod[monitors["stream-worker-sink"]["jobLabel"]] == "stream-worker-sink"
+    assert [e["port"] for e in monitors["stream-worker-sink"]["podMetricsEndpoints"]] == ["metrics"]
 
 
 # ------------------------------------------------------------------------ autoscaling and topics
@@ -527,13 +581,17 @@ def test_alerts_cover_the_failure_modes_and_use_real_metrics():
     alerts = {r["alert"]: r for g in rules()["groups"] for r in g["rules"] if "alert" in r}
     assert {"StreamWorkerDown", "StreamWorkerLagGrowing", "StreamWorkerNoProgress", "StreamWorkerDeadLetterRateHigh",
             "StreamWorkerFlagBadJump", "StreamWorkerBatchesSlow"} <= set(alerts)
+    assert {"StreamWorkerSinkDown", "StreamWorkerSinkLagging", "StreamWorkerSinkTransactionFailures",
+            "StreamWorkerSinkNoProgress", "StreamWorkerSinkDeadLetters"} <= set(alerts)
     known = worker_metric_names()
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in {"critical", "warning"}, name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
         used = metrics_in(rule["expr"])
         assert used and used <= known, f"{name}: unknown metrics {used - known}"
-        assert 'job="stream-worker"' in rule["expr"], name
+        job = "stream-worker-sink" if name.startswith("StreamWorkerSink") else "stream-worker"
+        assert f'job="{job}"' in rule["expr"], name
+        assert all(m.startswith("stream_worker_sink_") == (job == "stream-worker-sink") for m in used - {"up"}), name
 
 
 def test_promtool_checks_the_rules(tmp_path):
@@ -598,11 +656,15 @@ def test_dashboard_panels_cover_what_an_operator_watches():
     panel_with("sum by (flag) (rate(stream_worker_result_flags_total")
     panel_with("sum by (reason) (rate(stream_worker_dead_letters_total")
     panel_with("count(stream_worker_ready")
+    panel_with("stream_worker_sink_rows_written_total", "stream_worker_sink_dead_letters_total")
+    panel_with("sum by (topic, partition) (stream_worker_sink_consumer_lag")
+    panel_with("stream_worker_sink_transaction_seconds_bucket", "stream_worker_sink_transaction_failures_total")
     known = worker_metric_names()
     for title, target in dashboard_targets():
         used = metrics_in(target["expr"])
         assert used and used <= known, f"{title}: unknown metrics {used - known}"
-        assert 'job="$job"' in target["expr"] and 'namespace=~"$namespace"' in target["expr"], title
+        job = '"$job-sink"' if any(m.startswith("stream_worker_sink_") for m in used) else '"$job"'
+        assert f"job={job}" in target["expr"] and 'namespace=~"$namespace"' in target["expr"], title
 
 
 def test_dashboard_configmap_is_generated_from_the_json_file():
