@@ -74,7 +74,7 @@ def measure(messages: int, rounds: int) -> dict:
     return results
 
 
-def _range(values: list[float], digits: int = 0, percent: bool = False) -> str:
+def value_range(values: list[float], digits: int = 0, percent: bool = False) -> str:
     low, high = min(values), max(values)
     spell = (lambda v: f"{v:.0%}") if percent else (lambda v: f"{v:,.{digits}f}")
     return spell(low) if spell(low) == spell(high) else f"{spell(low)}–{spell(high)}"
@@ -103,9 +103,9 @@ def section(results: dict, messages: int, rounds: int) -> str:
         rates = {k: [r["spectra_per_s"] for r in overlap[(speed, k)]] for k in IN_FLIGHT}
         target = min(statistics.median(host[2]), speed or float("inf"))
         lines.append(
-            f"| {'host only' if speed is None else f'{speed:,}'} | {_range(rates[1])} | {_range(rates[2])} | "
-            f"{target:,.0f} | {_range([r / target for r in rates[2]], percent=True)} | "
-            f"{_range([r / target for r in rates[1]], percent=True)} |")
+            f"| {'host only' if speed is None else f'{speed:,}'} | {value_range(rates[1])} | {value_range(rates[2])} | "
+            f"{target:,.0f} | {value_range([r / target for r in rates[2]], percent=True)} | "
+            f"{value_range([r / target for r in rates[1]], percent=True)} |")
     cost = results["host_cost"]
     lines += [
         "",
@@ -122,13 +122,13 @@ def section(results: dict, messages: int, rounds: int) -> str:
     ]
     for label, runs in cost.items():
         lines.append(f"| {label} | {runs[0]['spectra']:,} | "
-                     f"{_range([r['cpu_ms_per_spectrum'] for r in runs], 2)} | "
-                     f"{_range([r['spectra_per_s'] for r in runs])} |")
+                     f"{value_range([r['cpu_ms_per_spectrum'] for r in runs], 2)} | "
+                     f"{value_range([r['spectra_per_s'] for r in runs])} |")
     for in_flight in IN_FLIGHT:
         runs = overlap[(None, in_flight)]
         lines.append(f"| stand-in engine (host path only), in flight {in_flight} | {runs[0]['spectra']:,} | "
-                     f"{_range([r['cpu_ms_per_spectrum'] for r in runs], 2)} | "
-                     f"{_range([r['spectra_per_s'] for r in runs])} |")
+                     f"{value_range([r['cpu_ms_per_spectrum'] for r in runs], 2)} | "
+                     f"{value_range([r['spectra_per_s'] for r in runs])} |")
     lines += [
         "",
         "### Latency at low traffic",
@@ -141,14 +141,16 @@ def section(results: dict, messages: int, rounds: int) -> str:
         "|---|---:|---:|",
     ]
     for in_flight, runs in results["latency"].items():
-        lines.append(f"| {in_flight} | {_range([r['latency_p50_s'] for r in runs], 3)} | "
-                     f"{_range([r['latency_p99_s'] for r in runs], 3)} |")
+        lines.append(f"| {in_flight} | {value_range([r['latency_p50_s'] for r in runs], 3)} | "
+                     f"{value_range([r['latency_p99_s'] for r in runs], 3)} |")
     return "\n".join(lines + [END]) + "\n"
 
 
 def replace_section(document: str, text: str) -> str:
-    """``document`` with its pipelining section replaced by ``text`` (appended if it has none)."""
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", re.S)
+    """``document`` with the section ``text`` replaced (appended if it has none): the section is
+    what lies between ``text``'s first and last lines, its begin and end markers."""
+    lines = text.strip("\n").splitlines()
+    pattern = re.compile(re.escape(lines[0]) + ".*?" + re.escape(lines[-1]) + "\n?", re.S)
     if pattern.search(document):
         return pattern.sub(lambda _: text, document)
     return document.rstrip("\n") + "\n\n" + text

@@ -74,7 +74,9 @@ def main() -> None:
     parser.add_argument("--trained-weights", default=None,
                         help="also measure fast mode's accuracy cost on these (default: the shipped demo model if any)")
     parser.add_argument("--pipelining-rounds", type=int, default=2)
-    parser.add_argument("--skip-kafka", action="store_true")
+    parser.add_argument("--sink-records", type=int, default=20000)
+    parser.add_argument("--sink-rounds", type=int, default=3)
+    parser.add_argument("--skip-kafka", action="store_true", help="also skips the pipelining and sink benchmarks")
     parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
     args = parser.parse_args()
     described = machine()
@@ -121,6 +123,11 @@ def main() -> None:
         print("pipelining through the real broker ...", file=sys.stderr)
         text = pipelining.replace_section(text, pipelining.section(
             pipelining.measure(args.io_spectra, args.pipelining_rounds), args.io_spectra, args.pipelining_rounds))
+        from bench import sink
+
+        print("the results sink through the real broker and PostgreSQL ...", file=sys.stderr)
+        text = pipelining.replace_section(text, sink.section(
+            sink.measure(args.sink_records, args.sink_rounds), args.sink_records, args.sink_rounds, described))
     Path(args.output).write_text(text)
     print(f"wrote {args.output}", file=sys.stderr)
 

@@ -111,3 +111,22 @@ def test_the_pipelining_section_states_each_speed_against_min_of_host_and_engine
     replaced = replace_section(document, text)
     assert "old" not in replaced and replaced.count(BEGIN) == 1 and "before" in replaced and "after" in replaced
     assert replace_section("# Benchmarks\n", text).endswith(text)
+
+
+def test_the_sink_section_states_each_rate_against_one_row_a_transaction_of_its_round():
+    """Round 2 runs on a machine twice as fast: the ratios to that round's own baseline stay put."""
+    from bench.pipelining import replace_section
+    from bench.sink import BEGIN, END, section
+
+    results = {"store": {1: [100.0, 200.0], 50: [2000.0, 4000.0], 500: [5000.0, 10000.0]},
+               "reader": [6000.0, 6500.0],
+               "sink": [{"rows_per_s": 3000.0, "cpu_ms_per_row": 0.21}, {"rows_per_s": 6000.0, "cpu_ms_per_row": 0.2}]}
+    text = section(results, 20000, 2, "test machine")
+    assert "| store alone, 1 row a transaction | 100–200 | 1.0× |" in text
+    assert "| store alone, 500 rows a transaction | 5,000–10,000 | 50.0× |" in text
+    assert "| row reader alone (decode, schema check, row) | 6,000–6,500 | |" in text
+    assert "4 partitions, 500 rows a transaction | 3,000–6,000 | 30.0× |" in text
+    assert "0.20–0.21 CPU ms per row" in text and "test machine" in text
+    document = f"# Benchmarks\n\n{BEGIN}\nold\n{END}\nafter\n"
+    replaced = replace_section(document, text)
+    assert "old" not in replaced and replaced.count(BEGIN) == 1 and replaced.endswith("after\n")
