@@ -37,6 +37,8 @@ from types import TracebackType
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from devtools.tls import BrokerCertificates, make_certificates
+
 log = logging.getLogger(__name__)
 
 POM = Path(__file__).with_name("kafka-pom.xml")
@@ -209,6 +211,21 @@ def _admin(bootstrap: str, timeout_s: float = 10) -> KafkaAdminClient:
     )
 
 
+TOPICS_FILE = Path(__file__).resolve().parent.parent / "k8s" / "kafka-topics" / "topics.yaml"
+TOPIC_ROLES = {"input": "apogee.spectra", "output": "apogee.results", "dead_letter": "apogee.deadletter"}
+
+
+def local_topic_config(role: str) -> dict[str, str]:
+    """The production settings of the ``input``, ``output`` or ``dead_letter`` topic
+    (``k8s/kafka-topics/topics.yaml``, the one place they are written), for one local broker:
+    without ``min.insync.replicas``, which one replica could never satisfy."""
+    import yaml
+
+    with TOPICS_FILE.open() as stream:
+        spec = next(t["spec"] for t in yaml.safe_load_all(stream) if t["spec"]["topicName"] == TOPIC_ROLES[role])
+    return {k: str(v) for k, v in spec["config"].items() if k != "min.insync.replicas"}
+
+
 def create_topic(bootstrap: str, name: str, partitions: int, config: Mapping[str, str] | None = None) -> None:
     """Create a topic (replication factor 1) unless it exists, and wait until every partition has a leader."""
     with _admin(bootstrap) as admin:
@@ -285,15 +302,21 @@ class LocalKafka(LocalService):
         controller_port: int | None = None,
         heap: str = "512m",
         scram_users: Mapping[str, str] | None = None,
+        tls: bool = False,
     ) -> None:
         """``scram_users`` (name → password) adds a SASL_PLAINTEXT listener with SCRAM-SHA-256
-        on ``sasl_port`` next to the plaintext one, for testing client authentication."""
+        on ``sasl_port`` next to the plaintext one, for testing client authentication. ``tls``
+        adds TLS listeners with certificates made on the fly (:attr:`certificates`): SSL on
+        ``ssl_port``, the same with an expired certificate on ``expired_port``, and with
+        ``scram_users`` SASL_SSL on ``sasl_ssl_port``."""
         self.data_dir = Path(data_dir).resolve()
-        free = [p for p in free_ports(3) if p not in (port, controller_port)]
+        free = [p for p in free_ports(6) if p not in (port, controller_port)]
         self.port = port or free[0]
         self.controller_port = controller_port or free[1]
-        self.sasl_port = free[2]
+        self.sasl_port, self.ssl_port, self.expired_port, self.sasl_ssl_port = free[2:6]
         self.scram_users = dict(scram_users or {})
+        self.tls = tls
+        self.certificates: BrokerCertificates | None = None
         self.heap = heap
         self.properties_path = self.data_dir / "server.properties"
         self.log4j_path = self.data_dir / "log4j2.properties"
@@ -308,6 +331,18 @@ class LocalKafka(LocalService):
     @property
     def sasl_bootstrap(self) -> str:
         return f"127.0.0.1:{self.sasl_port}"
+
+    @property
+    def ssl_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.ssl_port}"
+
+    @property
+    def expired_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.expired_port}"
+
+    @property
+    def sasl_ssl_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.sasl_ssl_port}"
 
     def start(self) -> LocalKafka:
         """Launch the broker (fetching jars and formatting storage first if needed); see wait_ready()."""
@@ -379,6 +414,8 @@ class LocalKafka(LocalService):
             props["sasl.enabled.mechanisms"] = "SCRAM-SHA-256"
             props["listener.name.sasl.scram-sha-256.sasl.jaas.config"] = (
                 "org.apache.kafka.common.security.scram.ScramLoginModule required;")
+        if self.tls:
+            self._add_tls_listeners(props)
         self.properties_path.write_text("".join(f"{key}={value}\n" for key, value in props.items()))
         self.log4j_path.write_text(
             "status = warn\n"
@@ -391,6 +428,24 @@ class LocalKafka(LocalService):
             "rootLogger.level = WARN\n"
             "rootLogger.appenderRef.file.ref = FILE\n"
         )
+
+    def _add_tls_listeners(self, props: dict[str, str]) -> None:
+        if self.certificates is None:
+            self.certificates = make_certificates(self.data_dir / "tls")
+        listeners = [("SSL", self.ssl_port, "SSL", self.certificates.keystore),
+                     ("EXPIRED", self.expired_port, "SSL", self.certificates.expired_keystore)]
+        if self.scram_users:
+            listeners.append(("SASLSSL", self.sasl_ssl_port, "SASL_SSL", self.certificates.keystore))
+            props["listener.name.saslssl.scram-sha-256.sasl.jaas.config"] = (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;")
+        for name, port, protocol, keystore in listeners:
+            props["listeners"] += f",{name}://127.0.0.1:{port}"
+            props["advertised.listeners"] += f",{name}://127.0.0.1:{port}"
+            props["listener.security.protocol.map"] += f",{name}:{protocol}"
+            prefix = f"listener.name.{name.lower()}.ssl"
+            props.update({f"{prefix}.keystore.location": str(keystore), f"{prefix}.keystore.type": "PKCS12",
+                          f"{prefix}.keystore.password": self.certificates.password,
+                          f"{prefix}.key.password": self.certificates.password})
 
     def _format_storage(self, java: str, classpath: str) -> None:
         log.info("formatting KRaft storage in %s", self.log_dir)

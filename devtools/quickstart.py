@@ -18,14 +18,14 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
 
-from devtools.kafka_broker import LocalKafka
+from devtools.kafka_broker import TOPIC_ROLES, LocalKafka, local_topic_config
 from devtools.worker_process import WorkerProcess
 from stream_worker.io.apstar import read_apstar
 from stream_worker.io.wire import CONTENT_TYPE, encode_inline, encode_reference
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FILES = sorted((REPO / "tests" / "data").glob("apStar-*.fits"))
-TOPICS = {"input": "apogee.spectra", "output": "apogee.results", "dead_letter": "apogee.deadletter"}
+TOPICS = TOPIC_ROLES  # the production names: the worker runs on its default config
 
 
 def publish_apstar(bootstrap: str, topic: str, files: list[Path], worker_dir: str | None = None) -> list[str]:
@@ -78,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kafka").setLevel(logging.ERROR)  # its notes on our throwaway consumers are noise here
     with tempfile.TemporaryDirectory(prefix="stream-worker-quickstart-") as tmp, LocalKafka(Path(tmp) / "kafka") as kafka:
         print(f"kafka broker ready at {kafka.bootstrap}")
-        kafka.create_topic(TOPICS["input"], 3)
-        kafka.create_topic(TOPICS["output"], 3)
-        kafka.create_topic(TOPICS["dead_letter"], 1)
+        for role, partitions in (("input", 3), ("output", 3), ("dead_letter", 1)):
+            kafka.create_topic(TOPICS[role], partitions, local_topic_config(role))
         roots = sorted({str(p.resolve().parent) for p in args.files})
         settings = {"kafka__bootstrap_servers": f"[{kafka.bootstrap}]", "inputs__data_roots": json.dumps(roots)}
         if args.weights:

@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from devtools.kafka_broker import free_ports
@@ -20,10 +21,11 @@ from devtools.kafka_broker import free_ports
 
 class WorkerProcess:
     def __init__(self, log_path: Path, cwd: Path | None = None, module: str = "stream_worker",
-                 extra_env: dict | None = None, command: str = "run", **settings) -> None:
+                 extra_env: dict | None = None, command: str = "run", arguments: Sequence[str] = (),
+                 **settings) -> None:
         """``settings`` are config keys as ``section__key=value`` (e.g. ``kafka__group_id="g"``);
         ``module`` is what ``python -m`` runs (tests substitute a fault-injecting wrapper), with
-        the sub-command ``command`` (``run``, or ``sink``)."""
+        the sub-command ``command`` (``run``, ``sink``, ``replay``...) and its ``arguments``."""
         self.port = free_ports(1)[0]
         values = {"metrics__port": self.port, "metrics__host": "127.0.0.1", "logging__format": "text", **settings}
         environ = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_WORKER__")}
@@ -32,7 +34,7 @@ class WorkerProcess:
         self.log_path = log_path
         self.log = open(log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", module, command], env=environ, cwd=cwd,
+            [sys.executable, "-m", module, command, *arguments], env=environ, cwd=cwd,
             stdout=self.log, stderr=subprocess.STDOUT,
         )
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from kafka import KafkaConsumer, KafkaProducer
 
+from devtools.kafka_broker import local_topic_config
 from devtools.worker_process import WorkerProcess
 from stream_worker.core.spectrum import Spectrum
 from stream_worker.io.wire import encode_inline
@@ -36,15 +37,17 @@ class Topics:
     group: str = field(default_factory=lambda: unique_topic("group"))
 
     def create(self, broker, partitions: int = 3) -> Topics:
-        broker.create_topic(self.input, partitions)
-        broker.create_topic(self.output, 3)
-        broker.create_topic(self.dead_letter, 1)
+        broker.create_topic(self.input, partitions, local_topic_config("input"))
+        broker.create_topic(self.output, 3, local_topic_config("output"))
+        broker.create_topic(self.dead_letter, 1, local_topic_config("dead_letter"))
         return self
 
 
 def small_worker(bootstrap: str, topics: Topics, weights: Path, log_path: Path, module: str = "stream_worker",
-                 extra_env: dict | None = None, **settings) -> WorkerProcess:
-    """A worker on the test's topics with a small model and small batches, so tests run fast."""
+                 extra_env: dict | None = None, command: str = "run", arguments: tuple[str, ...] = (),
+                 **settings) -> WorkerProcess:
+    """A worker on the test's topics with a small model and small batches, so tests run fast
+    (``command``: another sub-command with the same settings, e.g. ``replay``)."""
     defaults = {
         "kafka__bootstrap_servers": f"[{bootstrap}]",
         "kafka__input_topics": f"[{topics.input}]",
@@ -59,7 +62,8 @@ def small_worker(bootstrap: str, topics: Topics, weights: Path, log_path: Path, 
         "batching__max_spectra": 16,
         "batching__max_wait_seconds": 0.2,
     }
-    return WorkerProcess(log_path, cwd=REPO, module=module, extra_env=extra_env, **{**defaults, **settings})
+    return WorkerProcess(log_path, cwd=REPO, module=module, extra_env=extra_env, command=command, arguments=arguments,
+                         **{**defaults, **settings})
 
 
 def produce_spectra(bootstrap: str, topic: str, count: int, prefix: str, seed: int = 0) -> list[str]:

@@ -538,6 +538,9 @@ def test_exactly_one_autoscaler_capped_at_the_input_partitions(overlay):
         assert meta["bootstrapServers"].split(",") == kafka["bootstrap_servers"]
         assert meta["offsetResetPolicy"] == kafka["auto_offset_reset"]
         assert int(meta["lagThreshold"]) == 200
+        # the scaler's known pitfalls (docs/deployment.md, "Scaling"): even steps, real lag only
+        assert meta["ensureEvenDistributionOfPartitions"] == "true" and meta["excludePersistentLag"] == "false"
+        assert meta["allowIdleConsumers"] == "false" and "limitToPartitionsWithLag" not in meta
     else:
         spec = hpas[0]["spec"]
         assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "stream-worker"}
@@ -564,6 +567,25 @@ def test_topics_match_the_worker_config_and_the_message_size_limits():
         assert kafka["max_partition_fetch_bytes"] >= config["max.message.bytes"]
         assert config["min.insync.replicas"] < topic["spec"]["replicas"]
         assert config["retention.ms"] >= 7 * 24 * 3600 * 1000
+
+
+def test_the_results_topic_keeps_the_latest_record_of_each_spectrum_and_local_topics_are_alike():
+    """Compacted on spectrum_id (and deleted after retention); inputs and dead letters are never
+    compacted (each is evidence). The quickstart's and the tests' topics take these settings."""
+    from devtools.kafka_broker import TOPIC_ROLES, local_topic_config
+
+    kafka, found = base_config()["kafka"], topics()
+    assert TOPIC_ROLES == {"input": kafka["input_topics"][0], "output": kafka["output_topic"],
+                           "dead_letter": kafka["dead_letter_topic"]}
+    results = found[kafka["output_topic"]]["spec"]["config"]
+    assert results["cleanup.policy"] == "compact,delete" and results["min.compaction.lag.ms"] >= 3600 * 1000
+    for role, name in TOPIC_ROLES.items():
+        config = found[name]["spec"]["config"]
+        if role != "output":
+            assert config["cleanup.policy"] == "delete", name
+        local = local_topic_config(role)
+        assert local == {k: str(v) for k, v in config.items() if k != "min.insync.replicas"}, name
+        assert local["cleanup.policy"] == config["cleanup.policy"]
 
 
 # -------------------------------------------------------------------------- rules and dashboard

@@ -8,6 +8,7 @@ import random
 import pytest
 from kafka import KafkaProducer
 
+from devtools.kafka_broker import local_topic_config
 from devtools.postgres_server import LocalPostgres
 from devtools.worker_process import WorkerProcess
 from tests.results import WEIGHTS_B, encoded, later, result_record
@@ -24,8 +25,8 @@ class SinkSetup:
         self.broker, self.postgres, self.tmp_path = broker, postgres, tmp_path
         self.results, self.dead_letters = unique_topic("results"), unique_topic("dlq")
         self.group, self.schema = unique_topic("sink"), unique_topic("sink").replace("-", "_")
-        broker.create_topic(self.results, 3)
-        broker.create_topic(self.dead_letters, 1)
+        broker.create_topic(self.results, 3, local_topic_config("output"))
+        broker.create_topic(self.dead_letters, 1, local_topic_config("dead_letter"))
         self.sinks: list[WorkerProcess] = []
 
     def start(self, **settings) -> WorkerProcess:
