@@ -88,6 +88,50 @@ def cmd_sink(args: argparse.Namespace, config) -> int:
             health.stop()
 
 
+def cmd_replay(args: argparse.Namespace, config) -> int:
+    """Reprocesses a time range of the input topic under its own consumer group, then stops."""
+    from stream_worker.core.times import header_time
+    from stream_worker.streaming.kafka_clients import make_consumer
+    from stream_worker.streaming.replay import plan_range
+    from stream_worker.streaming.wiring import build_worker
+
+    config = _apply_engine_options(config, args)
+    if args.group == config.kafka.group_id:
+        raise ValueError(f"--group {args.group!r} is the live workers' group (kafka.group_id): a replay needs its own")
+    start, end = _instant("--from", args.from_time), _instant("--to", args.to) if args.to else None
+    if end is not None and end <= start:
+        raise ValueError(f"--to {header_time(end)} is not after --from {header_time(start)}")
+    if args.bootstrap:
+        config.kafka.bootstrap_servers = args.bootstrap.split(",")
+    config.kafka.group_id = args.group
+    config.kafka.input_topics = [args.topic] if args.topic else config.kafka.input_topics
+    config.kafka.output_topic = args.output_topic or config.kafka.output_topic
+    config.metrics.enabled = args.metrics_port is not None
+    config.metrics.port = args.metrics_port or config.metrics.port
+    planner = make_consumer(config)
+    try:
+        replay = plan_range(planner, config.kafka.input_topics, int(start.timestamp() * 1000),
+                            int(end.timestamp() * 1000) if end else None)
+    finally:
+        planner.close(autocommit=False)
+    log.info("replaying %d messages of %s from %s to %s as group %s into %s", replay.total - replay.covered,
+             config.kafka.input_topics, header_time(start), header_time(end) if end else "their end now",
+             args.group, config.kafka.output_topic)
+    started = time.perf_counter()
+    replay.progress = lambda r: _progress(r.covered, r.total, time.perf_counter() - started)
+    worker, health = build_worker(config, replay)
+    try:
+        code = worker.run()
+    finally:
+        if health is not None:
+            health.stop()
+    elapsed = time.perf_counter() - started
+    print(f"replayed {replay.covered} of {replay.total} messages in {elapsed:.1f} s: {replay.spectra} results to "
+          f"{config.kafka.output_topic}, {replay.dead_letters} dead letters"
+          + ("" if replay.done() else f"; interrupted: run again with --group {args.group} to resume"), file=sys.stderr)
+    return code or (0 if replay.done() else 1)
+
+
 def cmd_produce(args: argparse.Namespace, config) -> int:
     """Publishes apStar spectra as input messages (inline arrays or file references)."""
     from stream_worker.core.spectrum import InputError
@@ -127,6 +171,70 @@ def cmd_produce(args: argparse.Namespace, config) -> int:
     return 1 if failed or not sent else 0
 
 
+def _dead_letter_clients(config, args: argparse.Namespace, group_id: str | None):
+    """The dead-letter topic, the --since instant, and a consumer in ``group_id`` (None: no group)."""
+    import dataclasses
+
+    from stream_worker.streaming.kafka_clients import make_consumer
+
+    if args.bootstrap:
+        config.kafka.bootstrap_servers = args.bootstrap.split(",")
+    config.kafka.delivery = "at_least_once"  # no transactions: the tools see what was written
+    since = _instant("--since", args.since) if args.since else None
+    consumer = make_consumer(dataclasses.replace(config, kafka=dataclasses.replace(config.kafka, group_id=group_id)))
+    return args.topic or config.kafka.dead_letter_topic, since, consumer
+
+
+def cmd_deadletters(args: argparse.Namespace, config) -> int:
+    """Summarises the dead-letter topic: counts by reason, first and last, a few examples each."""
+    from stream_worker.core.times import header_time
+    from stream_worker.streaming.deadletters import DeadLetter, read_letters, summarise, summary_text
+
+    topic, since, consumer = _dead_letter_clients(config, args, None)
+    try:
+        messages, _ = read_letters(consumer, topic, int(since.timestamp() * 1000) if since else None)
+    finally:
+        consumer.close()
+    letters = [DeadLetter.of(m) for m in messages]
+    if args.reason:
+        letters = [letter for letter in letters if letter.reason in args.reason]
+    print(summary_text(topic, summarise(letters, args.examples), header_time(since) if since else None))
+    return 0
+
+
+def cmd_redrive(args: argparse.Namespace, config) -> int:
+    """Re-publishes chosen dead letters to the topics they came from, once per group."""
+    from stream_worker.core.times import header_time
+    from stream_worker.streaming.deadletters import Selection, redrive
+    from stream_worker.streaming.kafka_clients import make_producer
+
+    topic, since, consumer = _dead_letter_clients(config, args, args.group)
+    producer = make_producer(config)
+    selection = Selection(frozenset(args.reason or ()), header_time(since) if since else None, args.max_redrives)
+    try:
+        report = redrive(consumer, producer, topic, selection, args.to_topic,
+                         int(since.timestamp() * 1000) if since else None, dry_run=args.dry_run)
+    finally:
+        producer.close()
+        consumer.close()
+    for letter, where in report.sent:
+        key = letter.key.decode("utf-8", "replace") if letter.key is not None else "(no key)"
+        print(f"sent\t{key}\t{letter.reason}\t{letter.source} -> {where}\tredrive {letter.redrives + 1}")
+    for letter, why in report.failed:
+        print(f"FAILED\t{letter.source}\t{why}")
+    print(("dry run: would have " if args.dry_run else "") + report.text(), file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+def _instant(option: str, text: str):
+    from stream_worker.core.times import parse_time
+
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise ValueError(f"{option} {exc}") from None
+
+
 def _progress(done: int, total: int, seconds: float) -> None:
     if sys.stderr.isatty() and total > 1:
         width = 30
@@ -164,6 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     sink = sub.add_parser("sink", parents=[common], help="store the results topic in PostgreSQL (the sink: section)")
     sink.set_defaults(func=cmd_sink)
 
+    replay = sub.add_parser("replay", parents=[common],
+                            help="reprocess a time range of the input topic under its own group, then stop")
+    replay.add_argument("--from", dest="from_time", required=True, help="ISO 8601 (UTC) or an age (6h, 2d)")
+    replay.add_argument("--to", default=None, help="ISO 8601 (UTC) or an age (default: the topic's end now)")
+    replay.add_argument("--group", required=True, help="the replay's consumer group (not kafka.group_id)")
+    replay.add_argument("--topic", default=None, help="default: kafka.input_topics")
+    replay.add_argument("--output-topic", default=None, help="default: kafka.output_topic")
+    replay.add_argument("--bootstrap", default=None, help="host:port[,host:port] (default: kafka.bootstrap_servers)")
+    replay.add_argument("--metrics-port", type=int, default=None, help="serve /metrics and /readyz there (default: none)")
+    _engine_options(replay)
+    replay.set_defaults(func=cmd_replay)
+
     produce = sub.add_parser("produce", parents=[common], help="publish apStar spectra as input messages")
     produce.add_argument("files", nargs="+", type=Path)
     produce.add_argument("--topic", default=None, help="default: the first of kafka.input_topics")
@@ -172,6 +292,25 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--reference", action="store_true",
                          help="send file references (the worker reads the file) instead of inline arrays")
     produce.set_defaults(func=cmd_produce)
+
+    for name, help_text, func in (
+            ("deadletters", "summarise the dead-letter topic by reason", cmd_deadletters),
+            ("redrive", "send chosen dead letters back to the topics they came from", cmd_redrive)):
+        tool = sub.add_parser(name, parents=[common], help=help_text)
+        tool.add_argument("--reason", action="append", help="only this reason (repeatable; default: every reason)")
+        tool.add_argument("--since", default=None, help="only dead letters from then on: ISO 8601 (UTC) or an age (6h, 2d)")
+        tool.add_argument("--topic", default=None, help="the dead-letter topic (default: kafka.dead_letter_topic)")
+        tool.add_argument("--bootstrap", default=None, help="host:port[,host:port] (default: kafka.bootstrap_servers)")
+        tool.set_defaults(func=func)
+        if name == "deadletters":
+            tool.add_argument("--examples", type=int, default=3, help="examples per reason")
+        else:
+            tool.add_argument("--group", default="stream-worker-redrive",
+                              help="consumer group that remembers what was re-driven")
+            tool.add_argument("--to-topic", default=None, help="default: each dead letter's source topic")
+            tool.add_argument("--max-redrives", type=int, default=3,
+                              help="refuse a message re-driven this many times already")
+            tool.add_argument("--dry-run", action="store_true", help="count what would be sent; send and commit nothing")
 
     return parser
 

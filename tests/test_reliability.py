@@ -206,11 +206,12 @@ def test_secrets_never_reach_metrics_or_logs(kafka_broker, worker_factory):
     assert "hunter2" not in worker.log_path.read_text()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def scram_kafka(tmp_path_factory):
+    """A broker with SCRAM users and TLS listeners (a valid, an expired certificate; SASL_SSL)."""
     from devtools.kafka_broker import LocalKafka
 
-    with LocalKafka(tmp_path_factory.mktemp("kafka-scram"), scram_users={"apogee": "s3cret-pass"}) as broker:
+    with LocalKafka(tmp_path_factory.mktemp("kafka-scram"), scram_users={"apogee": "s3cret-pass"}, tls=True) as broker:
         yield broker
 
 
@@ -231,3 +232,54 @@ def test_sasl_scram_authentication_from_environment_secret(scram_kafka, worker_f
     assert "s3cret-pass" not in worker.get("/metrics")[1]
     assert worker.terminate() == 0
     assert "s3cret-pass" not in worker.log_path.read_text()
+
+
+def tls(bootstrap: str, ca, **settings) -> dict:
+    """Worker settings for a TLS listener, verifying the broker's certificate and host name."""
+    return {"kafka__bootstrap_servers": f"[{bootstrap}]", "kafka__security_protocol": "SSL",
+            "kafka__ssl_cafile": str(ca), "kafka__ssl_check_hostname": "true", **settings}
+
+
+@pytest.mark.parametrize("batches_in_flight", [2])
+def test_tls_with_host_name_verification_and_scram_over_tls(scram_kafka, worker_factory):
+    certificates = scram_kafka.certificates
+    topics = Topics().create(scram_kafka)
+    ids = produce_spectra(scram_kafka.bootstrap, topics.input, 10, "tls")
+    worker = worker_factory(scram_kafka, topics, **tls(scram_kafka.ssl_bootstrap, certificates.ca))
+    worker.wait_ready(90)
+    assert sorted(ids_of(consume(scram_kafka.bootstrap, topics.output, 10, settle=1))) == sorted(ids)
+    assert worker.terminate() == 0
+
+    ids += produce_spectra(scram_kafka.bootstrap, topics.input, 10, "sasl-ssl", seed=1)
+    worker = worker_factory(scram_kafka, topics, extra_env={"STREAM_WORKER_SASL_PASSWORD": "s3cret-pass"},
+                            **tls(scram_kafka.sasl_ssl_bootstrap, certificates.ca, kafka__security_protocol="SASL_SSL",
+                                  kafka__sasl_mechanism="SCRAM-SHA-256", kafka__sasl_username="apogee"))
+    worker.wait_ready(90)
+    assert sorted(ids_of(consume(scram_kafka.bootstrap, topics.output, 20, settle=1))) == sorted(ids)
+    assert "s3cret-pass" not in worker.get("/metrics")[1] and certificates.password not in worker.get("/metrics")[1]
+    assert worker.terminate() == 0
+    assert "s3cret-pass" not in worker.log_path.read_text()
+
+
+@pytest.mark.parametrize("batches_in_flight", [2])
+@pytest.mark.parametrize("listener, trusted, says", [
+    ("expired_bootstrap", "ca", "certificate has expired"),
+    ("ssl_bootstrap", "other_ca", "TLS certificate refused: self-signed certificate in certificate chain"),
+])
+def test_a_certificate_the_worker_cannot_trust_fails_closed_and_readyz_says_why(scram_kafka, worker_factory, listener,
+                                                                               trusted, says):
+    topics = Topics().create(scram_kafka)
+    produce_spectra(scram_kafka.bootstrap, topics.input, 3, "untrusted")
+    worker = worker_factory(scram_kafka, topics,
+                            **tls(getattr(scram_kafka, listener), getattr(scram_kafka.certificates, trusted)))
+    def readiness() -> str:
+        try:
+            return worker.get("/readyz")[1]
+        except OSError:  # its health server is not up yet
+            return ""
+
+    wait_until(lambda: says in readiness(), 60, f"/readyz saying {says!r}")
+    assert worker.get("/readyz")[0] == 503 and worker.get("/healthz")[0] == 200
+    time.sleep(3)
+    assert worker.process.poll() is None  # it keeps trying, never falls back to trusting
+    assert consume(scram_kafka.bootstrap, topics.output, 1, timeout=1) == []

@@ -165,7 +165,7 @@ class SlowPipeline:
 def worker_with(consumer, pipeline, engine: EngineThread | None = None, producer=None, **settings) -> Worker:
     environ = {f"STREAM_WORKER__{key.upper()}": str(value) for key, value in settings.items()}
     config = load_config(None, {"STREAM_WORKER__BATCHING__MAX_SPECTRA": "4", **environ})
-    worker = Worker(config, pipeline, consumer, producer or FakeProducer(), Metrics(), lambda: True, engine)
+    worker = Worker(config, pipeline, consumer, producer or FakeProducer(), Metrics(), lambda: None, engine)
     worker.assigned = consumer.assignment()
     return worker
 

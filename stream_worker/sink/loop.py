@@ -54,7 +54,7 @@ class Sink:
     transaction, retry from the same offsets when that fails."""
 
     def __init__(self, config: Config, reader: RowReader, store: ResultStore, consumer, producer,
-                 metrics: SinkMetrics, broker_reachable: Callable[[], bool]) -> None:
+                 metrics: SinkMetrics, broker_problem: Callable[[], str | None]) -> None:
         """``consumer`` reads the results topic in the sink's group; ``producer`` sends dead letters."""
         self.topic = config.sink.topic or config.kafka.output_topic
         self.dead_letter_topic = config.sink.dead_letter_topic or config.kafka.dead_letter_topic
@@ -66,7 +66,7 @@ class Sink:
         self.consumer = consumer
         self.producer = producer
         self.metrics = metrics
-        self.broker_reachable = broker_reachable
+        self.broker_problem = broker_problem
         self.stored: dict[TopicPartition, int] = {}  # per owned partition: the next offset to store
         self.assigned: set[TopicPartition] = set()
         self.to_resume: set[TopicPartition] = set()  # assigned, not yet put at their stored offsets
@@ -83,8 +83,9 @@ class Sink:
             return False, f"storing failed: {self.last_error}"
         if not self.assigned:
             return False, "no partitions assigned"
-        if not self.broker_reachable():
-            return False, "broker unreachable"
+        problem = self.broker_problem()
+        if problem is not None:
+            return False, problem
         return True, "ready"
 
     def request_stop(self, *_signal_args) -> None:

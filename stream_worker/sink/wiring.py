@@ -11,7 +11,7 @@ from stream_worker.sink.loop import Sink
 from stream_worker.sink.metrics import SinkMetrics
 from stream_worker.sink.rows import RowReader
 from stream_worker.sink.store import ResultStore
-from stream_worker.streaming.kafka_clients import BrokerProbe, make_consumer, make_producer
+from stream_worker.streaming.kafka_clients import broker_probe, make_consumer, make_producer
 from stream_worker.streaming.metrics import HealthServer
 
 
@@ -20,9 +20,16 @@ def build_sink(config: Config) -> tuple[Sink, HealthServer | None]:
     with transactions (``kafka.delivery: exactly_once``); dead letters need no transactions."""
     metrics = SinkMetrics()
     started: list[Sink] = []
+    probe = broker_probe(config)
+
+    def ready() -> tuple[bool, str]:
+        if started:
+            return started[0].ready()
+        problem = probe.problem()
+        return False, f"connecting to Kafka: {problem}" if problem else "connecting to Kafka"
+
     health = None
     if config.metrics.enabled:
-        ready = lambda: started[0].ready() if started else (False, "connecting to Kafka")  # noqa: E731
         health = HealthServer(metrics, ready, config.metrics.host, config.metrics.port).start()
     kafka = dataclasses.replace(config.kafka, group_id=config.sink.group_id)
     consumer = make_consumer(dataclasses.replace(config, kafka=kafka))
@@ -30,6 +37,6 @@ def build_sink(config: Config) -> tuple[Sink, HealthServer | None]:
     store = ResultStore(config.sink.database, config.sink_password(), config.sink.db_schema, config.sink.group_id,
                         config.sink.connect_timeout_seconds)
     reader = RowReader(serializer(config.kafka.result_format).decode)
-    sink = Sink(config, reader, store, consumer, producer, metrics, BrokerProbe(config.kafka.bootstrap_servers).reachable)
+    sink = Sink(config, reader, store, consumer, producer, metrics, probe.problem)
     started.append(sink)
     return sink, health

@@ -94,8 +94,10 @@ class Pipeline:
     stage of one batch while it prepares the next and finishes the previous one."""
 
     def __init__(self, estimator: Estimator, files: FileReader, output_topic: str, dead_letter_topic: str,
-                 max_message_bytes: int, result_format: Serializer | None = None) -> None:
-        """``result_format``: how each record becomes a message value (default JSON)."""
+                 max_message_bytes: int, result_format: Serializer | None = None,
+                 result_headers: tuple[tuple[str, bytes], ...] = ()) -> None:
+        """``result_format``: how each record becomes a message value (default JSON);
+        ``result_headers``: added to every result message (a replay names itself)."""
         self.estimator = estimator
         self.files = files
         self.output_topic = output_topic
@@ -105,7 +107,7 @@ class Pipeline:
         if self.result_format.encode is None:
             raise ValueError(f"output format {self.result_format.name!r} cannot encode one record per message")
         content_type = self.result_format.content_type
-        self.result_headers = [("content-type", content_type.encode())] if content_type else []
+        self.result_headers = ([("content-type", content_type.encode())] if content_type else []) + list(result_headers)
 
     def decode(self, message) -> Spectrum:
         """decode + validate one message; raises :class:`InputError` with a reason code."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 
@@ -101,31 +102,64 @@ class Rebalance(ConsumerRebalanceListener):
 
 
 class BrokerProbe:
-    """Whether any bootstrap server accepts a TCP connection, checked at most every
-    ``interval`` seconds. Independent of the clients, so readiness stays truthful while the
-    main thread is blocked in a flush or commit waiting for a broker that has gone."""
+    """Why no bootstrap server can be used (None when one can), checked at most every
+    ``interval`` seconds: a TCP connection, and with ``tls`` (an ``ssl.SSLContext``) the TLS
+    handshake the clients would make, so that readiness names a certificate the client refuses
+    (expired, another CA, another host name) instead of waiting for partitions forever.
+    Independent of the clients, so readiness stays truthful while the main thread is blocked
+    in a flush or commit waiting for a broker that has gone."""
 
-    def __init__(self, bootstrap_servers: list[str], interval: float = 2.0, timeout: float = 1.0) -> None:
+    def __init__(self, bootstrap_servers: list[str], tls: ssl.SSLContext | None = None, interval: float = 2.0,
+                 timeout: float = 1.0) -> None:
         self.addresses = [_host_port(server) for server in bootstrap_servers]
+        self.tls = tls
         self.interval = interval
         self.timeout = timeout
         self._lock = threading.Lock()
         self._checked_at = -float("inf")
-        self._reachable = False
+        self._problem: str | None = "not checked yet"
 
-    def reachable(self) -> bool:
+    def problem(self) -> str | None:
         with self._lock:
             if time.monotonic() - self._checked_at >= self.interval:
-                self._reachable = any(self._connects(address) for address in self.addresses)
+                problems = []
+                for address in self.addresses:
+                    problems.append(self._check(address))
+                    if problems[-1] is None:
+                        break
+                self._problem = None if problems[-1] is None else "; ".join(problems)
                 self._checked_at = time.monotonic()
-            return self._reachable
+            return self._problem
 
-    def _connects(self, address: tuple[str, int]) -> bool:
+    def _check(self, address: tuple[str, int]) -> str | None:
+        where = f"{address[0]}:{address[1]}"
         try:
-            socket.create_connection(address, timeout=self.timeout).close()
-            return True
+            connection = socket.create_connection(address, timeout=self.timeout)
         except OSError:
-            return False
+            return f"broker {where} unreachable"
+        try:
+            if self.tls is not None:
+                connection.settimeout(self.timeout)
+                connection = self.tls.wrap_socket(connection, server_hostname=address[0])
+            return None
+        except ssl.SSLCertVerificationError as exc:
+            return f"broker {where}: TLS certificate refused: {exc.verify_message}"
+        except (ssl.SSLError, OSError) as exc:
+            return f"broker {where}: TLS handshake failed: {exc}"
+        finally:
+            connection.close()
+
+
+def broker_probe(config: Config) -> BrokerProbe:
+    """The probe of ``kafka.bootstrap_servers``, with the clients' TLS settings."""
+    kafka = config.kafka
+    tls = None
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        tls = ssl.create_default_context(cafile=kafka.ssl_cafile)
+        tls.check_hostname = kafka.ssl_check_hostname
+        if kafka.ssl_certfile:
+            tls.load_cert_chain(kafka.ssl_certfile, kafka.ssl_keyfile)
+    return BrokerProbe(kafka.bootstrap_servers, tls)
 
 
 def _host_port(server: str) -> tuple[str, int]:

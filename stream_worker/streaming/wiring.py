@@ -8,13 +8,15 @@ from stream_worker.engine.estimator import Estimator
 from stream_worker.io.files import FileReader
 from stream_worker.io.serializers import serializer
 from stream_worker.streaming.batch import Pipeline
-from stream_worker.streaming.kafka_clients import BrokerProbe, make_consumer, make_producer
+from stream_worker.streaming.kafka_clients import broker_probe, make_consumer, make_producer
 from stream_worker.streaming.metrics import HealthServer, Metrics
+from stream_worker.streaming.replay import REPLAY_HEADER, ReplayRange
 from stream_worker.streaming.worker import EngineThread, Worker
 
 
-def build_worker(config: Config) -> tuple[Worker, HealthServer | None]:
-    """Everything ``stream-worker run`` needs, wired from the config (the I/O edges live here).
+def build_worker(config: Config, replay: ReplayRange | None = None) -> tuple[Worker, HealthServer | None]:
+    """Everything ``stream-worker run`` needs, wired from the config (the I/O edges live here);
+    with ``replay``, the worker of ``stream-worker replay`` (its results say so in a header).
 
     The health endpoints come up first: while the model loads and the Kafka clients connect
     (which, with wrong credentials or an absent broker, can take forever), /healthz answers and
@@ -22,9 +24,13 @@ def build_worker(config: Config) -> tuple[Worker, HealthServer | None]:
     metrics = Metrics()
     waiting_for = ["loading the model"]
     started: list[Worker] = []
+    probe = broker_probe(config)
 
     def ready() -> tuple[bool, str]:
-        return started[0].ready() if started else (False, waiting_for[0])
+        if started:
+            return started[0].ready()
+        problem = probe.problem() if waiting_for[0] == "connecting to Kafka" else None
+        return False, f"{waiting_for[0]}: {problem}" if problem else waiting_for[0]
 
     health = None
     if config.metrics.enabled:
@@ -35,9 +41,10 @@ def build_worker(config: Config) -> tuple[Worker, HealthServer | None]:
     pipeline = Pipeline(
         estimator, FileReader(config.inputs.data_roots), config.kafka.output_topic, config.kafka.dead_letter_topic,
         config.inputs.max_message_bytes, serializer(config.kafka.result_format),
+        ((REPLAY_HEADER, config.kafka.group_id.encode()),) if replay is not None else (),
     )
     waiting_for[0] = "connecting to Kafka"
     worker = Worker(config, pipeline, make_consumer(config), make_producer(config), metrics,
-                    BrokerProbe(config.kafka.bootstrap_servers).reachable, engine)
+                    probe.problem, engine, replay)
     started.append(worker)
     return worker, health

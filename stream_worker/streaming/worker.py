@@ -42,6 +42,7 @@ from stream_worker.streaming.batch import BatchResult, Pipeline, Prepared
 from stream_worker.streaming.checkpoint import BatchOffsets, Checkpoint
 from stream_worker.streaming.kafka_clients import Rebalance, partition_lag
 from stream_worker.streaming.metrics import Metrics, forget_lag, show_lag
+from stream_worker.streaming.replay import ReplayRange
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,10 @@ class Batch:
 
 class Worker:
     def __init__(self, config: Config, pipeline: Pipeline, consumer, producer, metrics: Metrics,
-                 broker_reachable: Callable[[], bool], engine: EngineThread | None = None) -> None:
-        """``engine``: the thread the pipeline's engine was built on (a new one if not given)."""
+                 broker_problem: Callable[[], str | None], engine: EngineThread | None = None,
+                 replay: ReplayRange | None = None) -> None:
+        """``engine``: the thread the pipeline's engine was built on (a new one if not given).
+        ``replay``: process only this range of offsets, then stop (``stream-worker replay``)."""
         self.config = config
         self.pipeline = pipeline
         self.engine = engine or EngineThread()
@@ -118,17 +121,20 @@ class Worker:
         self.rebalanced = threading.Event()
         self.rebalancing = False  # partitions revoked, new assignment not yet received
         self.rebalance_began, self.rebalance_warned = 0.0, False
-        self.broker_reachable = broker_reachable
+        self.broker_problem = broker_problem
         self.last_lag_refresh = 0.0
         self.assigned: set = set()
+        self.replay = replay
+        self.finished: set[TopicPartition] = set()  # replay: partitions past the range's end, kept paused
 
     # ------------------------------------------------------------------ lifecycle
 
     def ready(self) -> tuple[bool, str]:
         if not self.assigned:
             return False, "no partitions assigned"
-        if not self.broker_reachable():
-            return False, "broker unreachable"
+        problem = self.broker_problem()
+        if problem is not None:
+            return False, problem
         return True, "ready"
 
     def request_stop(self, *_signal_args) -> None:
@@ -177,6 +183,9 @@ class Worker:
     def _running(self) -> bool:
         """Until a stop request; then until every batch in flight, and the messages in hand, is
         committed, or the grace period is over (what is left is redelivered)."""
+        if self.replay is not None and not self.stopping.is_set() and self.replay.done():
+            log.info("replay complete: %d spectra, %d dead letters", self.replay.spectra, self.replay.dead_letters)
+            self.stopping.set()
         if not self.stopping.is_set():
             return True
         if self.pending:
@@ -219,6 +228,9 @@ class Worker:
         for batch in polled:
             for messages in batch.values():
                 for message in messages:
+                    if self.replay is not None and self.replay.beyond(message):
+                        self._finish_partition(message)
+                        continue
                     self.pending.append(message)
                     self.metrics.messages_consumed.labels(topic=message.topic).inc()
         if self.rebalanced.is_set():
@@ -280,9 +292,17 @@ class Worker:
 
     def _pause(self, paused: bool) -> None:
         if paused != self.paused:
-            partitions = self.consumer.assignment()
+            partitions = self.consumer.assignment() - self.finished
             (self.consumer.pause if paused else self.consumer.resume)(*partitions)
             self.paused = paused
+
+    def _finish_partition(self, message) -> None:
+        """Replay: a message past the range's end is dropped, and its partition fetches no more
+        (until a rewind or rebalance moves it back into the range)."""
+        tp = TopicPartition(message.topic, message.partition)
+        if tp not in self.finished:
+            self.finished.add(tp)
+            self.consumer.pause(tp)
 
     # ------------------------------------------------------------------ finish, publish, commit
 
@@ -335,6 +355,7 @@ class Worker:
         first uncommitted message of each partition. An abandoned batch still in the engine ends
         there unheeded."""
         self.checkpoint.rewind(self.pending)
+        self._unfinish()
         self.batches.clear()
         self.pending, self.collect_deadline = [], None
         self._show_in_flight()
@@ -351,11 +372,20 @@ class Worker:
             if record.get("input_timestamp_ms"):
                 self.metrics.latency.observe(max(0.0, now - record["input_timestamp_ms"] / 1000))
         self.metrics.last_success.set(now)
+        if self.replay is not None:
+            self.replay.record(batch.offsets.next, len(records), len(batch.result.dead_letters))
         elapsed = time.monotonic() - batch.submitted
         self.metrics.batch_seconds.observe(elapsed)
         if elapsed > 0.5 * self.config.kafka.max_poll_interval_ms / 1000:
             log.warning("batch took %.1f s, over half of kafka.max_poll_interval_ms", elapsed)
         self._show_in_flight()
+
+    def _unfinish(self) -> None:
+        """After a seek back (a rewind, a rebalance), replayed partitions fetch again to their end."""
+        if self.finished:
+            if not self.paused:
+                self.consumer.resume(*(self.finished & self.consumer.assignment()))
+            self.finished.clear()
 
     def _show_in_flight(self) -> None:
         self.metrics.in_flight.set(len(self.checkpoint) + len(self.pending))
@@ -401,6 +431,7 @@ class Worker:
             if batch.result is not None and batch.sent is None:
                 batch.result = batch.result.only_from(owned)
         self.checkpoint.reconcile(owned, self.pending)
+        self._unfinish()
         if self.paused:  # newly assigned partitions wait for the batches in flight too
             self.consumer.pause(*owned)
         forget_lag(self.metrics.consumer_lag, owned)
