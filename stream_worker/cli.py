@@ -67,30 +67,19 @@ def cmd_run(args: argparse.Namespace, config) -> int:
     """The streaming worker: runs until SIGTERM, then drains and exits 0."""
     from stream_worker.streaming.wiring import build_worker
 
-    config = _apply_engine_options(config, args)
-    worker, health = build_worker(config)
-    try:
-        return worker.run()
-    finally:
-        if health is not None:
-            health.stop()
+    return _until_stopped(*build_worker(_apply_engine_options(config, args)))
 
 
 def cmd_sink(args: argparse.Namespace, config) -> int:
     """The results sink: the results topic into PostgreSQL until SIGTERM."""
     from stream_worker.sink.wiring import build_sink
 
-    sink, health = build_sink(config)
-    try:
-        return sink.run()
-    finally:
-        if health is not None:
-            health.stop()
+    return _until_stopped(*build_sink(config))
 
 
 def cmd_replay(args: argparse.Namespace, config) -> int:
     """Reprocesses a time range of the input topic under its own consumer group, then stops."""
-    from stream_worker.core.times import header_time
+    from stream_worker.core.times import epoch_ms, header_time
     from stream_worker.streaming.kafka_clients import make_consumer
     from stream_worker.streaming.replay import plan_range
     from stream_worker.streaming.wiring import build_worker
@@ -101,8 +90,7 @@ def cmd_replay(args: argparse.Namespace, config) -> int:
     start, end = _instant("--from", args.from_time), _instant("--to", args.to) if args.to else None
     if end is not None and end <= start:
         raise ValueError(f"--to {header_time(end)} is not after --from {header_time(start)}")
-    if args.bootstrap:
-        config.kafka.bootstrap_servers = args.bootstrap.split(",")
+    _bootstrap_option(config, args)
     config.kafka.group_id = args.group
     config.kafka.input_topics = [args.topic] if args.topic else config.kafka.input_topics
     config.kafka.output_topic = args.output_topic or config.kafka.output_topic
@@ -110,8 +98,7 @@ def cmd_replay(args: argparse.Namespace, config) -> int:
     config.metrics.port = args.metrics_port or config.metrics.port
     planner = make_consumer(config)
     try:
-        replay = plan_range(planner, config.kafka.input_topics, int(start.timestamp() * 1000),
-                            int(end.timestamp() * 1000) if end else None)
+        replay = plan_range(planner, config.kafka.input_topics, epoch_ms(start), epoch_ms(end))
     finally:
         planner.close(autocommit=False)
     log.info("replaying %d messages of %s from %s to %s as group %s into %s", replay.total - replay.covered,
@@ -119,12 +106,7 @@ def cmd_replay(args: argparse.Namespace, config) -> int:
              args.group, config.kafka.output_topic)
     started = time.perf_counter()
     replay.progress = lambda r: _progress(r.covered, r.total, time.perf_counter() - started)
-    worker, health = build_worker(config, replay)
-    try:
-        code = worker.run()
-    finally:
-        if health is not None:
-            health.stop()
+    code = _until_stopped(*build_worker(config, replay))
     elapsed = time.perf_counter() - started
     print(f"replayed {replay.covered} of {replay.total} messages in {elapsed:.1f} s: {replay.spectra} results to "
           f"{config.kafka.output_topic}, {replay.dead_letters} dead letters"
@@ -139,8 +121,7 @@ def cmd_produce(args: argparse.Namespace, config) -> int:
     from stream_worker.io.wire import CONTENT_TYPE, encode_inline, encode_reference
     from stream_worker.streaming.kafka_clients import make_producer
 
-    if args.bootstrap:
-        config.kafka.bootstrap_servers = args.bootstrap.split(",")
+    _bootstrap_option(config, args)
     config.kafka.delivery = "at_least_once"  # a feeder needs no transactions
     topic = args.topic or config.kafka.input_topics[0]
     producer = make_producer(config)
@@ -171,14 +152,27 @@ def cmd_produce(args: argparse.Namespace, config) -> int:
     return 1 if failed or not sent else 0
 
 
+def _until_stopped(runner, health) -> int:
+    """Runs a worker or sink until it stops; its health server goes with it."""
+    try:
+        return runner.run()
+    finally:
+        if health is not None:
+            health.stop()
+
+
+def _bootstrap_option(config, args: argparse.Namespace) -> None:
+    if args.bootstrap:
+        config.kafka.bootstrap_servers = args.bootstrap.split(",")
+
+
 def _dead_letter_clients(config, args: argparse.Namespace, group_id: str | None):
     """The dead-letter topic, the --since instant, and a consumer in ``group_id`` (None: no group)."""
     import dataclasses
 
     from stream_worker.streaming.kafka_clients import make_consumer
 
-    if args.bootstrap:
-        config.kafka.bootstrap_servers = args.bootstrap.split(",")
+    _bootstrap_option(config, args)
     config.kafka.delivery = "at_least_once"  # no transactions: the tools see what was written
     since = _instant("--since", args.since) if args.since else None
     consumer = make_consumer(dataclasses.replace(config, kafka=dataclasses.replace(config.kafka, group_id=group_id)))
@@ -187,12 +181,12 @@ def _dead_letter_clients(config, args: argparse.Namespace, group_id: str | None)
 
 def cmd_deadletters(args: argparse.Namespace, config) -> int:
     """Summarises the dead-letter topic: counts by reason, first and last, a few examples each."""
-    from stream_worker.core.times import header_time
+    from stream_worker.core.times import epoch_ms, header_time
     from stream_worker.streaming.deadletters import DeadLetter, read_letters, summarise, summary_text
 
     topic, since, consumer = _dead_letter_clients(config, args, None)
     try:
-        messages, _ = read_letters(consumer, topic, int(since.timestamp() * 1000) if since else None)
+        messages, _ = read_letters(consumer, topic, epoch_ms(since))
     finally:
         consumer.close()
     letters = [DeadLetter.of(m) for m in messages]
@@ -204,7 +198,7 @@ def cmd_deadletters(args: argparse.Namespace, config) -> int:
 
 def cmd_redrive(args: argparse.Namespace, config) -> int:
     """Re-publishes chosen dead letters to the topics they came from, once per group."""
-    from stream_worker.core.times import header_time
+    from stream_worker.core.times import epoch_ms, header_time
     from stream_worker.streaming.deadletters import Selection, redrive
     from stream_worker.streaming.kafka_clients import make_producer
 
@@ -213,7 +207,7 @@ def cmd_redrive(args: argparse.Namespace, config) -> int:
     selection = Selection(frozenset(args.reason or ()), header_time(since) if since else None, args.max_redrives)
     try:
         report = redrive(consumer, producer, topic, selection, args.to_topic,
-                         int(since.timestamp() * 1000) if since else None, dry_run=args.dry_run)
+                         epoch_ms(since), dry_run=args.dry_run)
     finally:
         producer.close()
         consumer.close()

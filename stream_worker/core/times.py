@@ -23,6 +23,11 @@ def parse_time(text: str, now: dt.datetime | None = None) -> dt.datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
 
 
+def epoch_ms(moment: dt.datetime | None) -> int | None:
+    """``moment`` as Kafka's timestamps count: milliseconds since the Unix epoch (None stays None)."""
+    return None if moment is None else int(moment.timestamp() * 1000)
+
+
 def header_time(moment: dt.datetime) -> str:
     """``moment`` in the ``dlq.failed_at`` format, so that the two compare as text."""
     return moment.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -38,9 +38,9 @@ from stream_worker.sink.metrics import SinkMetrics
 from stream_worker.sink.rows import RejectedRecord, RowReader
 from stream_worker.sink.store import ResultStore, StoreError
 from stream_worker.streaming.checkpoint import BatchOffsets, PublishError
-from stream_worker.streaming.kafka_clients import Rebalance, partition_lag
+from stream_worker.streaming.kafka_clients import Rebalance, member_ready, partition_lag
 from stream_worker.streaming.metrics import forget_lag, show_lag
-from stream_worker.streaming.outgoing import Outgoing, dead_letter_message
+from stream_worker.streaming.outgoing import Outgoing, dead_letter_message, send
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,7 @@ class Sink:
     def ready(self) -> tuple[bool, str]:
         if self.last_error is not None:
             return False, f"storing failed: {self.last_error}"
-        if not self.assigned:
-            return False, "no partitions assigned"
-        problem = self.broker_problem()
-        if problem is not None:
-            return False, problem
-        return True, "ready"
+        return member_ready(self.assigned, self.broker_problem)
 
     def request_stop(self, *_signal_args) -> None:
         if not self.stopping.is_set():
@@ -226,7 +221,7 @@ class Sink:
         its offsets pass these messages only once their dead letters are safe)."""
         if not dead_letters:
             return
-        futures = [self.producer.send(d.topic, key=d.key, value=d.value, headers=d.headers) for d in dead_letters]
+        futures = send(self.producer, dead_letters)
         self.producer.flush(timeout=DEAD_LETTER_TIMEOUT_S)
         failed = [f.exception for f in futures if not f.succeeded()]
         if failed:

@@ -23,10 +23,7 @@ def build_sink(config: Config) -> tuple[Sink, HealthServer | None]:
     probe = broker_probe(config)
 
     def ready() -> tuple[bool, str]:
-        if started:
-            return started[0].ready()
-        problem = probe.problem()
-        return False, f"connecting to Kafka: {problem}" if problem else "connecting to Kafka"
+        return started[0].ready() if started else probe.connecting()
 
     health = None
     if config.metrics.enabled:

@@ -25,6 +25,8 @@ from typing import Callable
 
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from stream_worker.streaming.outgoing import send
+
 log = logging.getLogger(__name__)
 
 
@@ -83,8 +85,7 @@ class Checkpoint:
                 raise RuntimeError("a transaction is open: commit the previous batch first")
             self.producer.begin_transaction()
             self.in_transaction = True
-        futures = [self.producer.send(message.topic, value=message.value, key=message.key,
-                                      headers=message.headers) for message in outgoing]
+        futures = send(self.producer, outgoing)
         if on_acknowledged is not None:
             for future in futures:
                 future.add_both(lambda _: on_acknowledged())

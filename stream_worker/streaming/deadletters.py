@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from stream_worker.streaming.outgoing import Outgoing
+from stream_worker.streaming.outgoing import Outgoing, send
 
 REDRIVE_COUNT = "redrive.count"
 
@@ -172,16 +172,16 @@ def redrive(consumer, producer, topic: str, selection: Selection, to_topic: str 
     their source topics (or ``to_topic``); commits the topic's end offsets to the group only if
     every send was acknowledged (then a second run sends nothing again)."""
     messages, end = read_letters(consumer, topic, since_ms, from_committed=True)
-    report, pending = RedriveReport(), []
+    report, chosen = RedriveReport(), []
     for consumed in messages:
         letter = DeadLetter.of(consumed)
         verdict = selection.verdict(letter)
         report.verdicts[verdict] = report.verdicts.get(verdict, 0) + 1
         if verdict == "send" and not dry_run:
-            out = letter.redriven(to_topic)
-            pending.append((letter, producer.send(out.topic, key=out.key, value=out.value, headers=out.headers)))
+            chosen.append(letter)
+    futures = send(producer, [letter.redriven(to_topic) for letter in chosen])
     producer.flush(timeout=timeout_s)
-    for letter, future in pending:
+    for letter, future in zip(chosen, futures):
         if future.succeeded():
             metadata = future.value
             report.sent.append((letter, f"{metadata.topic}[{metadata.partition}]@{metadata.offset}"))

@@ -6,6 +6,7 @@ import socket
 import ssl
 import threading
 import time
+from typing import Callable
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 
@@ -124,12 +125,19 @@ class BrokerProbe:
             if time.monotonic() - self._checked_at >= self.interval:
                 problems = []
                 for address in self.addresses:
-                    problems.append(self._check(address))
-                    if problems[-1] is None:
+                    problem = self._check(address)
+                    if problem is None:
+                        problems = []
                         break
-                self._problem = None if problems[-1] is None else "; ".join(problems)
+                    problems.append(problem)
+                self._problem = "; ".join(problems) or None
                 self._checked_at = time.monotonic()
             return self._problem
+
+    def connecting(self) -> tuple[bool, str]:
+        """Readiness while the Kafka clients are being made: not ready, and why when the probe knows."""
+        problem = self.problem()
+        return False, f"connecting to Kafka: {problem}" if problem else "connecting to Kafka"
 
     def _check(self, address: tuple[str, int]) -> str | None:
         where = f"{address[0]}:{address[1]}"
@@ -148,6 +156,14 @@ class BrokerProbe:
             return f"broker {where}: TLS handshake failed: {exc}"
         finally:
             connection.close()
+
+
+def member_ready(assigned, broker_problem: Callable[[], str | None]) -> tuple[bool, str]:
+    """Readiness of a consumer-group member (a worker, a sink): partitions assigned, broker usable."""
+    if not assigned:
+        return False, "no partitions assigned"
+    problem = broker_problem()
+    return (False, problem) if problem is not None else (True, "ready")
 
 
 def broker_probe(config: Config) -> BrokerProbe:

@@ -36,6 +36,11 @@ def dead_letter_message(message, reason: str, text: str, topic: str, max_bytes: 
     return Outgoing(topic, message.key, value, headers)
 
 
+def send(producer, messages: list[Outgoing]) -> list:
+    """Hands ``messages`` to the producer; returns their futures, in order."""
+    return [producer.send(m.topic, key=m.key, value=m.value, headers=m.headers) for m in messages]
+
+
 def where(message) -> str:
     """``topic[partition]@offset`` of a consumed message, for logs."""
     return f"{message.topic}[{message.partition}]@{message.offset}"

@@ -29,8 +29,7 @@ def build_worker(config: Config, replay: ReplayRange | None = None) -> tuple[Wor
     def ready() -> tuple[bool, str]:
         if started:
             return started[0].ready()
-        problem = probe.problem() if waiting_for[0] == "connecting to Kafka" else None
-        return False, f"{waiting_for[0]}: {problem}" if problem else waiting_for[0]
+        return probe.connecting() if waiting_for[0] == "connecting to Kafka" else (False, waiting_for[0])
 
     health = None
     if config.metrics.enabled:

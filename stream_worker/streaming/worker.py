@@ -40,7 +40,7 @@ from kafka.structs import TopicPartition
 from stream_worker.config import Config
 from stream_worker.streaming.batch import BatchResult, Pipeline, Prepared
 from stream_worker.streaming.checkpoint import BatchOffsets, Checkpoint
-from stream_worker.streaming.kafka_clients import Rebalance, partition_lag
+from stream_worker.streaming.kafka_clients import Rebalance, member_ready, partition_lag
 from stream_worker.streaming.metrics import Metrics, forget_lag, show_lag
 from stream_worker.streaming.replay import ReplayRange
 
@@ -130,12 +130,7 @@ class Worker:
     # ------------------------------------------------------------------ lifecycle
 
     def ready(self) -> tuple[bool, str]:
-        if not self.assigned:
-            return False, "no partitions assigned"
-        problem = self.broker_problem()
-        if problem is not None:
-            return False, problem
-        return True, "ready"
+        return member_ready(self.assigned, self.broker_problem)
 
     def request_stop(self, *_signal_args) -> None:
         """SIGTERM/SIGINT: stop fetching; finish, publish and commit every batch in flight (and the
