@@ -14,12 +14,14 @@ import os
 import re
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from stream_worker.engine.precision import MODES
+from stream_worker.io.schema_registry import COMPATIBILITY_LEVELS
 
 ENV_PREFIX = "STREAM_WORKER__"
 SASL_PASSWORD_ENV = "STREAM_WORKER_SASL_PASSWORD"
@@ -36,6 +38,8 @@ class KafkaConfig:
     input_topics: list[str] = field(default_factory=lambda: ["apogee.spectra"])
     output_topic: str = "apogee.results"
     result_format: str = "json"
+    schema_registry_url: str | None = None
+    schema_compatibility: str | None = "BACKWARD"
     dead_letter_topic: str = "apogee.deadletter"
     group_id: str = "stream-worker"
     client_id: str = "stream-worker"
@@ -161,6 +165,7 @@ CHOICES = {
     "kafka.compression_type": (None, "gzip", "lz4", "zstd", "snappy"),
     "kafka.security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
     "kafka.sasl_mechanism": (None, "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+    "kafka.schema_compatibility": (None, *COMPATIBILITY_LEVELS),
     "engine.precision": tuple(MODES),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
     "logging.format": ("json", "text"),
@@ -259,7 +264,7 @@ def _check(config: Config) -> Config:
                 raise ConfigError(f"{key}: must be one of {CHOICES[key]}, found {value!r}")
             if key in POSITIVE and value is not None and value <= 0:
                 raise ConfigError(f"{key}: must be positive, found {value!r}")
-    _check_result_format(config.kafka.result_format)
+    _check_result_format(config.kafka)
     _check_kernels(config.engine.kernels)
     _check_sink(config.sink)
     if not config.kafka.input_topics:
@@ -310,12 +315,21 @@ def _check_kernels(value: str) -> None:
             raise ConfigError(f"engine.kernels: must be measure, rules or a plan's label as logged: {exc}") from None
 
 
-def _check_result_format(name: str) -> None:
+def _check_result_format(kafka: KafkaConfig) -> None:
     from stream_worker.io.serializers import FORMATS, message_formats, serializer
 
-    if name not in FORMATS or serializer(name).encode is None:  # imports only the named format's module
+    name = kafka.result_format
+    if name not in FORMATS or not serializer(name).for_messages:  # imports only the named format's module
         raise ConfigError(f"kafka.result_format: must be a format that encodes one record per message "
                           f"({', '.join(message_formats())}), found {name!r}")
+    if serializer(name).bind is not None and not kafka.schema_registry_url:
+        raise ConfigError(f"kafka.schema_registry_url: required with kafka.result_format {name} (the schema "
+                          f"registry's Confluent-compatible API, e.g. http://registry:8080/apis/ccompat/v7)")
+    url = urllib.parse.urlsplit(kafka.schema_registry_url or "http://x")
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"kafka.schema_registry_url: must be an http(s) URL, found {kafka.schema_registry_url!r}")
+    if url.username or url.password:
+        raise ConfigError("kafka.schema_registry_url: holds credentials; secrets do not belong in the config file")
 
 
 def load_config(path: str | os.PathLike | None = None, environ: typing.Mapping[str, str] | None = None) -> Config:

@@ -1,4 +1,5 @@
-"""Pytest fixtures that run the real local services (Kafka broker, Prometheus, PostgreSQL).
+"""Pytest fixtures that run the real local services (Kafka broker, Prometheus, PostgreSQL, a schema
+registry).
 
 Registered from tests/conftest.py with ``pytest_plugins = ["tests.services"]``.
 
@@ -20,6 +21,7 @@ import pytest
 from devtools.kafka_broker import LocalKafka, create_topic
 from devtools.postgres_server import LocalPostgres
 from devtools.prometheus_server import LocalPrometheus
+from devtools.schema_registry import LocalSchemaRegistry
 
 BOOTSTRAP_ENV = "STREAM_WORKER_TEST_BOOTSTRAP"
 
@@ -99,3 +101,11 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalP
     (``unique_topic("sink").replace("-", "_")``)."""
     with LocalPostgres(tmp_path_factory.mktemp("postgres")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def schema_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSchemaRegistry]:
+    """One Apicurio Registry shared by the whole session; give each test its own topics, hence
+    its own subjects (``<topic>-value``)."""
+    with LocalSchemaRegistry(tmp_path_factory.mktemp("registry")) as registry:
+        yield registry

@@ -20,11 +20,11 @@ def test_every_format_is_found_by_name_and_by_suffix():
         assert chosen.name == name
         for suffix in chosen.suffixes:
             assert for_path(Path(f"out{suffix.upper()}")) is chosen
-    assert message_formats() == ["json", "jsonl"]
+    assert message_formats() == ["json", "jsonl", "avro"]
 
 
 def test_unknown_formats_name_the_known_ones():
-    with pytest.raises(ValueError, match="unknown output format 'xml': choose one of json, jsonl, csv, fits"):
+    with pytest.raises(ValueError, match="unknown output format 'xml': choose one of json, jsonl, csv, fits, avro"):
         serializer("xml")
     with pytest.raises(ValueError, match=r"unknown output format '\.xlsx'"):
         for_path(Path("r.xlsx"))

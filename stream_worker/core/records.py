@@ -10,7 +10,10 @@ The field list is the contract of ``schemas/result.v2.json`` (``docs/messages.md
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import json
 from dataclasses import dataclass
+from importlib import resources
 
 from stream_worker import __version__
 from stream_worker.core.estimate import Estimate
@@ -18,6 +21,12 @@ from stream_worker.core.spectrum import Spectrum
 
 RESULT_SCHEMA_VERSION = 2
 """Version of the result record; v2 added ``engine_plan`` (``docs/messages.md``, versioning)."""
+
+
+@functools.lru_cache(maxsize=None)
+def result_json_schema() -> dict:
+    """The packaged JSON Schema of the current record version (the Avro schema derives from it)."""
+    return json.loads((resources.files("stream_worker") / "schemas" / f"result.v{RESULT_SCHEMA_VERSION}.json").read_text())
 
 
 def utc_now() -> str:

@@ -7,17 +7,15 @@ key equal to its ``spectrum_id``, timestamps that are real instants. Anything el
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
-from importlib import resources
 from typing import Callable
 
 import fastjsonschema
 
-from stream_worker.core.records import RESULT_SCHEMA_VERSION
+from stream_worker.core.records import RESULT_SCHEMA_VERSION, result_json_schema
 
-RESULT_SCHEMA = json.loads((resources.files("stream_worker") / "schemas" / f"result.v{RESULT_SCHEMA_VERSION}.json").read_text())
+RESULT_SCHEMA = result_json_schema()
 RECORD_COLUMNS: tuple[str, ...] = tuple(RESULT_SCHEMA["properties"])
 """One column per record field, named as the field."""
 SOURCE_COLUMNS = ("result_topic", "result_partition", "result_offset")

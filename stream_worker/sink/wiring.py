@@ -6,13 +6,13 @@ from __future__ import annotations
 import dataclasses
 
 from stream_worker.config import Config
-from stream_worker.io.serializers import serializer
 from stream_worker.sink.loop import Sink
 from stream_worker.sink.metrics import SinkMetrics
 from stream_worker.sink.rows import RowReader
 from stream_worker.sink.store import ResultStore
 from stream_worker.streaming.kafka_clients import broker_probe, make_consumer, make_producer
 from stream_worker.streaming.metrics import HealthServer
+from stream_worker.streaming.wiring import result_serializer
 
 
 def build_sink(config: Config) -> tuple[Sink, HealthServer | None]:
@@ -33,7 +33,7 @@ def build_sink(config: Config) -> tuple[Sink, HealthServer | None]:
     producer = make_producer(dataclasses.replace(config, kafka=dataclasses.replace(kafka, delivery="at_least_once")))
     store = ResultStore(config.sink.database, config.sink_password(), config.sink.db_schema, config.sink.group_id,
                         config.sink.connect_timeout_seconds)
-    reader = RowReader(serializer(config.kafka.result_format).decode)
+    reader = RowReader(result_serializer(config).decode)
     sink = Sink(config, reader, store, consumer, producer, metrics, probe.problem)
     started.append(sink)
     return sink, health

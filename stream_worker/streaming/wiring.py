@@ -6,12 +6,20 @@ from __future__ import annotations
 from stream_worker.config import Config
 from stream_worker.engine.estimator import Estimator
 from stream_worker.io.files import FileReader
-from stream_worker.io.serializers import serializer
+from stream_worker.io.serializers import message_serializer
 from stream_worker.streaming.batch import Pipeline
 from stream_worker.streaming.kafka_clients import broker_probe, make_consumer, make_producer
 from stream_worker.streaming.metrics import HealthServer, Metrics
 from stream_worker.streaming.replay import REPLAY_HEADER, ReplayRange
 from stream_worker.streaming.worker import EngineThread, Worker
+
+
+def result_serializer(config: Config):
+    """The ``kafka.result_format`` serializer for the output topic (registered with the schema
+    registry where the format needs one: a refusal stops start-up with the registry's reason)."""
+    kafka = config.kafka
+    return message_serializer(kafka.result_format, kafka.output_topic, kafka.schema_registry_url,
+                              kafka.schema_compatibility)
 
 
 def build_worker(config: Config, replay: ReplayRange | None = None) -> tuple[Worker, HealthServer | None]:
@@ -37,9 +45,11 @@ def build_worker(config: Config, replay: ReplayRange | None = None) -> tuple[Wor
     engine = EngineThread()
     estimator = engine.submit(Estimator.from_config, config.engine).result()
     metrics.set_model(estimator.provenance, str(estimator.device), estimator.num_draws)
+    if config.kafka.schema_registry_url:
+        waiting_for[0] = f"registering the result schema at {config.kafka.schema_registry_url}"
     pipeline = Pipeline(
         estimator, FileReader(config.inputs.data_roots), config.kafka.output_topic, config.kafka.dead_letter_topic,
-        config.inputs.max_message_bytes, serializer(config.kafka.result_format),
+        config.inputs.max_message_bytes, result_serializer(config),
         ((REPLAY_HEADER, config.kafka.group_id.encode()),) if replay is not None else (),
     )
     waiting_for[0] = "connecting to Kafka"

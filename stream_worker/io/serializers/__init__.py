@@ -12,13 +12,17 @@ import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable
+
+if TYPE_CHECKING:
+    from stream_worker.io.schema_registry import SchemaRegistry
 
 FORMATS = {
     "json": "stream_worker.io.serializers.json_records",
     "jsonl": "stream_worker.io.serializers.json_records",
     "csv": "stream_worker.io.serializers.csv_table",
     "fits": "stream_worker.io.serializers.fits_table",
+    "avro": "stream_worker.io.serializers.avro_records",
 }
 """Format name -> the module that implements it (imported on first use: FITS needs astropy)."""
 
@@ -28,7 +32,9 @@ class Serializer:
     """``write`` puts a list of records into a binary file; ``encode`` turns one record into a
     message value (``None`` for formats that only make files), sent with ``content_type``;
     ``decode`` turns such a value back into the record (the results sink reads with it) or raises
-    ValueError."""
+    ValueError. A format whose messages name a schema in a registry has ``bind`` instead:
+    ``bind(registry, subject, compatibility)`` registers the schema and returns the serializer
+    that encodes and decodes (:func:`message_serializer`)."""
 
     name: str
     suffixes: tuple[str, ...]
@@ -36,6 +42,11 @@ class Serializer:
     encode: Callable[[dict], bytes] | None = None
     content_type: str | None = None
     decode: Callable[[bytes], dict] | None = None
+    bind: Callable[[SchemaRegistry, str, str | None], Serializer] | None = None
+
+    @property
+    def for_messages(self) -> bool:
+        return self.encode is not None or self.bind is not None
 
 
 def serializer(name: str) -> Serializer:
@@ -47,7 +58,27 @@ def serializer(name: str) -> Serializer:
 
 def message_formats() -> list[str]:
     """Formats that can encode one record as one message (for ``kafka.result_format``)."""
-    return [name for name in FORMATS if serializer(name).encode is not None]
+    return [name for name in FORMATS if serializer(name).for_messages]
+
+
+def message_serializer(name: str, topic: str, registry_url: str | None = None, compatibility: str | None = None,
+                       wait_s: float = 60.0) -> Serializer:
+    """The serializer of one record per message on ``topic``. A format that needs a registry is
+    bound to the schema registered under ``<topic>-value`` (Confluent's TopicNameStrategy, what
+    every registry-aware consumer looks up), waiting up to ``wait_s`` for the registry to answer:
+    in a cluster the worker may start first."""
+    chosen = serializer(name)
+    if not chosen.for_messages:
+        raise ValueError(f"output format {name!r} cannot encode one record per message")
+    if chosen.bind is None:
+        return chosen
+    if not registry_url:
+        raise ValueError(f"output format {name!r} needs a schema registry: set kafka.schema_registry_url")
+    from stream_worker.io.schema_registry import SchemaRegistry
+
+    registry = SchemaRegistry(registry_url)
+    registry.wait_until_reachable(wait_s)
+    return chosen.bind(registry, f"{topic}-value", compatibility)
 
 
 def for_path(path: Path) -> Serializer:
