@@ -43,7 +43,9 @@ class SchemaRegistry:
         """The id of ``schema`` (Avro JSON text) under ``subject``: a new version unless the same
         schema is there already; RegistryRefused (409) when the subject's compatibility rule forbids it."""
         answer = self._call("POST", f"/subjects/{_quote(subject)}/versions", {"schema": schema, "schemaType": "AVRO"})
-        return int(answer["id"])
+        schema_id = int(answer["id"])
+        self._schemas.setdefault(schema_id, schema)  # our own records decode without asking again
+        return schema_id
 
     def set_compatibility(self, subject: str, level: str) -> None:
         self._call("PUT", f"/config/{_quote(subject)}", {"compatibility": level})

@@ -182,12 +182,13 @@ class Sink:
         rows, dead_letters = {}, []
         for message in messages:
             offsets.add(message)
-            try:
-                rows[(message.partition, message.offset)] = (message, self.reader.row(message))
-            except RejectedRecord as exc:
-                dead_letters.append(self._dead_letter(message, exc.reason, str(exc)))
         started = time.perf_counter()
-        try:
+        try:  # a decode that needs an absent schema registry fails like the database: retried
+            for message in messages:
+                try:
+                    rows[(message.partition, message.offset)] = (message, self.reader.row(message))
+                except RejectedRecord as exc:
+                    dead_letters.append(self._dead_letter(message, exc.reason, str(exc)))
             with self.store.transaction() as transaction:
                 refused = transaction.upsert([row for _, row in rows.values()])
                 for row, text in refused:
