@@ -46,6 +46,7 @@ class KafkaConfig:
     delivery: str = "at_least_once"
     transactional_id: str | None = None
     auto_offset_reset: str = "earliest"
+    rebalance_protocol: str = "eager"
     session_timeout_ms: int = 45_000
     max_poll_interval_ms: int = 300_000
     request_timeout_ms: int = 30_000
@@ -162,6 +163,7 @@ def _secret(env: str, path: str | None, key: str) -> str | None:
 CHOICES = {
     "kafka.delivery": ("at_least_once", "exactly_once"),
     "kafka.auto_offset_reset": ("earliest", "latest"),
+    "kafka.rebalance_protocol": ("eager", "cooperative"),
     "kafka.compression_type": (None, "gzip", "lz4", "zstd", "snappy"),
     "kafka.security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
     "kafka.sasl_mechanism": (None, "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),

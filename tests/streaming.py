@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
 from kafka import KafkaConsumer, KafkaProducer
 
@@ -41,6 +42,13 @@ class Topics:
         broker.create_topic(self.output, 3, local_topic_config("output"))
         broker.create_topic(self.dead_letter, 1, local_topic_config("dead_letter"))
         return self
+
+
+REBALANCE_MODES = pytest.mark.parametrize(
+    ("batches_in_flight", "rebalance_protocol"), [(2, "eager"), (1, "eager"), (2, "cooperative")],
+    ids=["in-flight-2", "in-flight-1", "in-flight-2-cooperative"])
+"""For delivery tests whose groups rebalance: each in-flight bound under eager rebalancing (the
+default), and the default bound under cooperative (``kafka.rebalance_protocol``)."""
 
 
 def small_worker(bootstrap: str, topics: Topics, weights: Path, log_path: Path, module: str = "stream_worker",

@@ -130,3 +130,16 @@ def test_the_sink_section_states_each_rate_against_one_row_a_transaction_of_its_
     document = f"# Benchmarks\n\n{BEGIN}\nold\n{END}\nafter\n"
     replaced = replace_section(document, text)
     assert "old" not in replaced and replaced.count(BEGIN) == 1 and replaced.endswith("after\n")
+
+
+def test_the_rebalance_benchmark_follows_ownership_through_the_workers_log():
+    from bench.rebalance import ownership
+
+    log = "\n".join([
+        "10:00:00 INFO partitions assigned: ['r0-in[0]', 'r0-in[1]', 'r0-in[2]', 'r0-in[3]']",
+        "10:00:05 INFO batch published",
+        "10:00:09 INFO partitions revoked: ['r0-in[2]', 'r0-in[3]']",
+        "10:00:12 INFO partitions assigned: ['r0-in[5]']",
+        "10:00:20 INFO partitions revoked: ['r0-in[0]', 'r0-in[1]', 'r0-in[5]']",
+    ])
+    assert ownership(log) == [{0, 1, 2, 3}, {0, 1}, {0, 1, 5}, set()]

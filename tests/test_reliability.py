@@ -7,7 +7,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.streaming import Topics, committed_total, consume, produce_spectra, records, rss_bytes, wait_until
+from tests.streaming import REBALANCE_MODES, Topics, committed_total, consume, produce_spectra, records, rss_bytes, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -98,17 +98,19 @@ def test_kill_with_several_batches_in_flight(kafka_broker, worker_factory, fault
     assert survivor.terminate() == 0
 
 
-def test_a_rebalance_with_batches_in_flight_loses_nothing(kafka_broker, worker_factory, batches_in_flight):
+@REBALANCE_MODES
+def test_a_rebalance_with_batches_in_flight_loses_nothing(kafka_broker, worker_factory, batches_in_flight,
+                                                         rebalance_protocol):
     """A second worker joins while the first holds batches at every stage (its engine is slow):
     the first drops the lost partitions' work, the second redoes it from the last commit."""
     topics = Topics().create(kafka_broker, partitions=4)
     ids = produce_spectra(kafka_broker.bootstrap, topics.input, 240, "rebalance")
     first = worker_factory(kafka_broker, topics, module="tests.fault_worker", batching__max_spectra=8,
-                           extra_env={"FAULT_ENGINE_DELAY_S": "0.5"})
+                           kafka__rebalance_protocol=rebalance_protocol, extra_env={"FAULT_ENGINE_DELAY_S": "0.5"})
     first.wait_ready()
     wait_until(lambda: published(first) >= 8 and first.metric("stream_worker_batches_in_flight") >= batches_in_flight,
                60, "the first worker to run with its batches in flight")
-    second = worker_factory(kafka_broker, topics, batching__max_spectra=8)
+    second = worker_factory(kafka_broker, topics, batching__max_spectra=8, kafka__rebalance_protocol=rebalance_protocol)
     second.wait_ready()
     copies = by_spectrum(records(consume(kafka_broker.bootstrap, topics.output, 240, timeout=180, settle=3)))
     assert set(copies) == set(ids)

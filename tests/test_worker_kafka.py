@@ -12,6 +12,7 @@ from stream_worker.core.spectrum import Spectrum
 from stream_worker.io.wire import encode_inline, encode_reference
 from tests.helpers import DWARF_FILE, GIANT_FILE
 from tests.streaming import (
+    REBALANCE_MODES,
     Topics,
     committed_total,
     consume,
@@ -106,10 +107,12 @@ def test_sigterm_drains_and_commits_everything_it_published(kafka_broker, worker
     assert committed == published  # nothing published is left uncommitted, nothing committed unpublished
 
 
-def test_sigkill_mid_stream_loses_nothing(kafka_broker, workers):
+@REBALANCE_MODES
+def test_sigkill_mid_stream_loses_nothing(kafka_broker, workers, rebalance_protocol):
     topics = Topics().create(kafka_broker)
     ids = produce_spectra(kafka_broker.bootstrap, topics.input, 150, "crash")
-    first = workers(topics, batching__max_spectra=8, engine__num_draws=20)
+    settings = dict(batching__max_spectra=8, engine__num_draws=20, kafka__rebalance_protocol=rebalance_protocol)
+    first = workers(topics, **settings)
     first.wait_ready()
     deadline = time.monotonic() + 60
     while first.metric("stream_worker_records_published_total") < 16 and time.monotonic() < deadline:
@@ -117,7 +120,7 @@ def test_sigkill_mid_stream_loses_nothing(kafka_broker, workers):
     first.kill()
     done_before_crash = len(consume(kafka_broker.bootstrap, topics.output, 1, timeout=5, settle=1))
     assert 0 < done_before_crash < 150, "the crash should land mid-stream"
-    second = workers(topics, batching__max_spectra=8, engine__num_draws=20)
+    second = workers(topics, **settings)
     second.wait_ready()
     out = records(consume(kafka_broker.bootstrap, topics.output, 150, timeout=120, settle=2))
     assert set(r["spectrum_id"] for r in out) == set(ids)  # duplicates allowed, loss not
@@ -129,9 +132,10 @@ def test_sigkill_mid_stream_loses_nothing(kafka_broker, workers):
     assert second.terminate() == 0
 
 
-def test_two_workers_share_the_partitions_and_process_everything(kafka_broker, workers):
+@REBALANCE_MODES
+def test_two_workers_share_the_partitions_and_process_everything(kafka_broker, workers, rebalance_protocol):
     topics = Topics().create(kafka_broker, partitions=4)
-    one, two = workers(topics), workers(topics)
+    one, two = (workers(topics, kafka__rebalance_protocol=rebalance_protocol) for _ in range(2))
     one.wait_ready()
     two.wait_ready()
     ids = produce_spectra(kafka_broker.bootstrap, topics.input, 80, "pair")
@@ -143,11 +147,12 @@ def test_two_workers_share_the_partitions_and_process_everything(kafka_broker, w
     assert one.terminate() == 0 and two.terminate() == 0
 
 
-def test_exactly_once_survives_sigkill_without_loss_or_duplicates(kafka_broker, workers):
+@REBALANCE_MODES
+def test_exactly_once_survives_sigkill_without_loss_or_duplicates(kafka_broker, workers, rebalance_protocol):
     topics = Topics().create(kafka_broker)
     ids = produce_spectra(kafka_broker.bootstrap, topics.input, 120, "eos")
     settings = dict(kafka__delivery="exactly_once", kafka__transactional_id=f"{topics.group}-tx",
-                    batching__max_spectra=8, engine__num_draws=20)
+                    batching__max_spectra=8, engine__num_draws=20, kafka__rebalance_protocol=rebalance_protocol)
     first = workers(topics, **settings)
     first.wait_ready()
     deadline = time.monotonic() + 60
@@ -159,6 +164,29 @@ def test_exactly_once_survives_sigkill_without_loss_or_duplicates(kafka_broker, 
     out = records(consume(kafka_broker.bootstrap, topics.output, 120, timeout=120, read_committed=True, settle=3))
     assert sorted(r["spectrum_id"] for r in out) == sorted(ids)  # each exactly once
     assert second.terminate() == 0
+
+
+@REBALANCE_MODES
+def test_exactly_once_through_a_rebalance_publishes_each_result_once(kafka_broker, workers, rebalance_protocol):
+    """A second transactional worker joins while the first holds batches in flight: in
+    read_committed output every spectrum appears exactly once."""
+    topics = Topics().create(kafka_broker, partitions=4)
+    ids = produce_spectra(kafka_broker.bootstrap, topics.input, 160, "eos-rebalance")
+    settings = dict(kafka__delivery="exactly_once", batching__max_spectra=8, engine__num_draws=20,
+                    kafka__rebalance_protocol=rebalance_protocol)
+    first = workers(topics, kafka__transactional_id=f"{topics.group}-a", module="tests.fault_worker",
+                    extra_env={"FAULT_ENGINE_DELAY_S": "0.5"}, **settings)  # a slow engine: batches stay in flight
+    first.wait_ready()
+    deadline = time.monotonic() + 60
+    while first.metric("stream_worker_records_published_total") < 16 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second = workers(topics, kafka__transactional_id=f"{topics.group}-b", **settings)
+    second.wait_ready()
+    out = records(consume(kafka_broker.bootstrap, topics.output, 160, timeout=120, read_committed=True, settle=3))
+    assert sorted(r["spectrum_id"] for r in out) == sorted(ids)  # each exactly once
+    assert second.metric("stream_worker_records_published_total") > 0
+    assert first.terminate() == 0 and second.terminate() == 0
+    assert "partitions revoked" in first.tail(400)
 
 
 def test_metrics_agree_with_what_was_processed(kafka_broker, workers):

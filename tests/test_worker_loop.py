@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from kafka.structs import TopicPartition
+from kafka.structs import ConsumerGroupMetadata, MemberState, TopicPartition
 
 from stream_worker.config import load_config
 from stream_worker.streaming import worker as worker_module
@@ -83,6 +83,7 @@ class FakeConsumer:
         self.seeks: list[tuple] = []
         self.commit_seconds = commit_seconds
         self.committed_at: float | None = None
+        self.member_state = MemberState.STABLE  # what group_metadata() reports (cooperative joins)
 
     def unread(self) -> int:
         return sum(len(self.log[tp]) - position for tp, position in self.positions.items())
@@ -121,6 +122,9 @@ class FakeConsumer:
 
     def end_offsets(self, partitions, timeout_ms=None) -> dict:
         return {}
+
+    def group_metadata(self):
+        return ConsumerGroupMetadata(group_id="g", state=self.member_state)
 
     def position(self, partition, timeout_ms=None):
         return None
@@ -309,6 +313,35 @@ def test_a_rebalance_in_progress_when_the_batch_ends_is_polled_through_before_pu
     assert consumer.committed_at > assigned_at[0]
     rebalancing = [timeout for at, _, timeout in consumer.polls if at < assigned_at[0]][1:]
     assert min(rebalancing) == 20  # never a shorter poll while the join is in flight
+
+
+def test_a_cooperative_join_is_polled_through_and_its_revocation_ends_it(monkeypatch):
+    """Cooperative: no callback before the join, so the member's state says one is under way;
+    polls follow back to back until it ends, and the revocation that ends it drops only the
+    partition that moved, without waiting for an assignment that never comes."""
+    monkeypatch.setattr(worker_module, "BUSY_POLL_INTERVAL_S", 0.01)
+    pipeline = SlowPipeline(0.05)
+    joined_at: list[float] = []
+
+    def rebalance(consumer: FakeConsumer) -> None:
+        if worker.batches and not joined_at and consumer.member_state == MemberState.STABLE:
+            consumer.member_state = MemberState.REBALANCING
+        elif pipeline.done_at and time.monotonic() > pipeline.done_at[0] + 0.2 and not joined_at:
+            joined_at.append(time.monotonic())
+            consumer.member_state = MemberState.STABLE
+            consumer.assigned = {PARTITION}
+            worker.on_revoked({OTHER})  # kafka-python calls it after the join, with the moved partitions only
+
+    inputs = [consumed(b"x", key=b"k", offset=i // 2, topic="in", partition=i % 2) for i in range(8)]
+    consumer = FakeConsumer(inputs, on_poll=rebalance, partitions=(PARTITION, OTHER))
+    worker = worker_with(consumer, pipeline, worker__poll_timeout_ms=20, worker__max_batches_in_flight=1,
+                         kafka__rebalance_protocol="cooperative")
+    run_until(worker, committed(consumer, 4))
+    assert joined_at and consumer.committed_at > joined_at[0], "published while the join was under way"
+    during = [timeout for at, _, timeout in consumer.polls if consumer.polls[1][0] < at < joined_at[0]]
+    assert during and min(during) == 20
+    assert not worker.rebalancing and worker.assigned == {PARTITION}
+    assert consumer.commits(1) == []  # the moved partition's batch was dropped, not committed here
 
 
 def test_a_rebalance_that_never_completes_does_not_hold_the_batch_forever(monkeypatch):

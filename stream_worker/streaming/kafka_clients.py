@@ -9,6 +9,10 @@ import time
 from typing import Callable
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.coordinator.assignors.range import RangePartitionAssignor
+from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from kafka.structs import MemberState
 
 from stream_worker.config import Config
 
@@ -37,9 +41,24 @@ def transactional_id(config: Config) -> str:
     return config.kafka.transactional_id or f"{config.kafka.group_id}-{socket.gethostname()}"
 
 
+ASSIGNORS = {
+    "eager": (RangePartitionAssignor, RoundRobinPartitionAssignor),  # kafka-python's default
+    "cooperative": (CooperativeStickyAssignor,),
+}
+"""``kafka.rebalance_protocol`` -> the assignors: eager revokes every partition of every member at
+each rebalance; cooperative (KIP-429) moves only the partitions that change owner."""
+
+
+def joining(consumer) -> bool:
+    """Whether the consumer's group join is under way (the only sign of one under cooperative
+    rebalancing, where no callback runs before the join completes)."""
+    return consumer.group_metadata().state == MemberState.REBALANCING
+
+
 def make_consumer(config: Config) -> KafkaConsumer:
     kafka = config.kafka
     return KafkaConsumer(
+        partition_assignment_strategy=ASSIGNORS[kafka.rebalance_protocol],
         bootstrap_servers=kafka.bootstrap_servers,
         group_id=kafka.group_id,
         client_id=kafka.client_id,

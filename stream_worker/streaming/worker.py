@@ -40,7 +40,7 @@ from kafka.structs import TopicPartition
 from stream_worker.config import Config
 from stream_worker.streaming.batch import BatchResult, Pipeline, Prepared
 from stream_worker.streaming.checkpoint import BatchOffsets, Checkpoint
-from stream_worker.streaming.kafka_clients import Rebalance, member_ready, partition_lag
+from stream_worker.streaming.kafka_clients import Rebalance, joining, member_ready, partition_lag
 from stream_worker.streaming.metrics import Metrics, forget_lag, show_lag
 from stream_worker.streaming.replay import ReplayRange
 
@@ -119,7 +119,8 @@ class Worker:
         self.last_poll = 0.0
         self.last_poll_empty = False
         self.rebalanced = threading.Event()
-        self.rebalancing = False  # partitions revoked, new assignment not yet received
+        self.cooperative = config.kafka.rebalance_protocol == "cooperative"
+        self.rebalancing = False  # a group join is under way (eager: partitions revoked, not yet reassigned)
         self.rebalance_began, self.rebalance_warned = 0.0, False
         self.broker_problem = broker_problem
         self.last_lag_refresh = 0.0
@@ -215,10 +216,12 @@ class Worker:
         timeout_ms = self.config.worker.poll_timeout_ms
         polled = [self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)]
         self.last_poll_empty = not polled[0]
+        self._note_join()
         while self.rebalancing and not self._rebalance_overdue() and not self._past_stop_deadline():
             # a join is in flight: the next poll follows at once, before any other work (the
             # broker may hold a join for seconds while the other members rejoin)
             polled.append(self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records))
+            self._note_join()
         self.last_poll = time.monotonic()
         for batch in polled:
             for messages in batch.values():
@@ -390,11 +393,13 @@ class Worker:
 
     def on_revoked(self, revoked) -> None:
         """Runs on kafka-python's IO thread, which also drives heartbeats: it must not block,
-        so it only takes note. The main thread reconciles after its next poll."""
+        so it only takes note. The main thread reconciles after its next poll. Eager: every
+        partition goes before the join, and the join lasts until the new assignment. Cooperative:
+        only the partitions that move go, once the join is complete, and the rest never stop."""
         log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
         self.assigned -= set(revoked)
-        self.rebalance_began, self.rebalance_warned = time.monotonic(), False
-        self.rebalancing = True
+        if not self.cooperative:
+            self._began_join()
         self.rebalanced.set()
 
     def on_assigned(self, assigned) -> None:
@@ -402,6 +407,20 @@ class Worker:
         self.assigned |= set(assigned)
         self.rebalancing = False
         self.rebalanced.set()
+
+    def _note_join(self) -> None:
+        """Cooperative: no callback announces a join, so the member's state is read after each
+        poll; the join is handled as an eager one is, polls back to back until it completes."""
+        if self.cooperative:
+            if joining(self.consumer):
+                if not self.rebalancing:
+                    self._began_join()
+            else:
+                self.rebalancing = False
+
+    def _began_join(self) -> None:
+        self.rebalance_began, self.rebalance_warned = time.monotonic(), False
+        self.rebalancing = True
 
     def _rebalance_overdue(self) -> bool:
         """A join kafka-python lost never completes; by ``kafka.session_timeout_ms`` after the
