@@ -143,3 +143,16 @@ def test_the_rebalance_benchmark_follows_ownership_through_the_workers_log():
         "10:00:20 INFO partitions revoked: ['r0-in[0]', 'r0-in[1]', 'r0-in[5]']",
     ])
     assert ownership(log) == [{0, 1, 2, 3}, {0, 1}, {0, 1, 5}, set()]
+
+
+def test_the_operations_section_puts_the_replay_beside_the_worker_of_the_same_rounds():
+    from bench.operations import BEGIN, END, section
+
+    results = {"worker": [{"spectra_per_s": 660.0}, {"spectra_per_s": 681.0}],
+               "replay": [{"spectra_per_s": 650.0, "wall_s": 5.4, "overall_per_s": 370.0}] * 2,
+               "redrive": [{"redrive_s": 0.5, "round_trip_s": 0.8}, {"redrive_s": 0.5, "round_trip_s": 1.1}]}
+    text = section(results, 2000, 2)
+    assert text.startswith(BEGIN) and text.rstrip().endswith(END)
+    assert "| live worker, 2000-message backlog | 660–681 |" in text
+    assert "| `stream-worker replay` of the same backlog | 650 | 5.4 s (370 spectra/s with start-up) |" in text
+    assert "results from the live worker: 0.8–1.1 s" in text
