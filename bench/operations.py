@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.kafka_e2e import TRIVIAL_SIZES, encoded, produce, receive, run_worker_phase
-from bench.pipelining import replace_section, value_range
+from bench.pipelining import update_benchmarks, value_range
 from bench.run import machine
 from devtools.kafka_broker import LocalKafka
 from devtools.samples import GIANT_FILE
@@ -139,10 +139,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
     args = parser.parse_args()
-    text = section(measure(args.spectra, args.rounds), args.spectra, args.rounds)
-    output = Path(args.output)
-    output.write_text(replace_section(output.read_text() if output.exists() else "# Benchmarks\n", text))
-    print(text)
+    update_benchmarks(args.output, section(measure(args.spectra, args.rounds), args.spectra, args.rounds))
 
 
 if __name__ == "__main__":

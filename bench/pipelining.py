@@ -156,16 +156,20 @@ def replace_section(document: str, text: str) -> str:
     return document.rstrip("\n") + "\n\n" + text
 
 
+def update_benchmarks(path: str | Path, text: str) -> None:
+    """Replaces (or appends) ``text``'s section in the benchmarks file at ``path`` and prints it."""
+    output = Path(path)
+    output.write_text(replace_section(output.read_text() if output.exists() else "# Benchmarks\n", text))
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
     args = parser.parse_args()
-    text = section(measure(args.messages, args.rounds), args.messages, args.rounds)
-    output = Path(args.output)
-    output.write_text(replace_section(output.read_text() if output.exists() else "# Benchmarks\n", text))
-    print(text)
+    update_benchmarks(args.output, section(measure(args.messages, args.rounds), args.messages, args.rounds))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bench.kafka_e2e import TRIVIAL_SIZES, encoded, produce, receive
-from bench.pipelining import replace_section, value_range
+from bench.pipelining import update_benchmarks, value_range
 from bench.run import machine
 from devtools.kafka_broker import LocalKafka
 from devtools.worker_process import WorkerProcess
@@ -154,10 +154,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
     args = parser.parse_args()
-    text = section(measure(args.rounds, args.rate), args.rounds, args.rate)
-    output = Path(args.output)
-    output.write_text(replace_section(output.read_text() if output.exists() else "# Benchmarks\n", text))
-    print(text)
+    update_benchmarks(args.output, section(measure(args.rounds, args.rate), args.rounds, args.rate))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from kafka import KafkaProducer
 from kafka.structs import TopicPartition
 
 from bench.kafka_e2e import cpu_seconds
-from bench.pipelining import replace_section, value_range
+from bench.pipelining import update_benchmarks, value_range
 from devtools.kafka_broker import LocalKafka
 from devtools.postgres_server import LocalPostgres
 from devtools.worker_process import WorkerProcess
@@ -169,10 +169,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
     args = parser.parse_args()
-    text = section(measure(args.records, args.rounds), args.records, args.rounds, machine())
-    output = Path(args.output)
-    output.write_text(replace_section(output.read_text() if output.exists() else "# Benchmarks\n", text))
-    print(text)
+    update_benchmarks(args.output, section(measure(args.records, args.rounds), args.records, args.rounds, machine()))
 
 
 if __name__ == "__main__":
