@@ -269,8 +269,16 @@ class LocalService:
         self._process.stop(timeout)
 
     def kill(self) -> None:
-        """Crash the service (SIGKILL), as a machine failure would."""
+        """Crash the service (SIGKILL), as a process failure would: its connections are reset."""
         self._process.kill()
+
+    def freeze(self) -> None:
+        """Stop the service answering (SIGSTOP) without closing a connection, as a machine lost
+        to the network looks to its clients: their requests time out instead of failing fast."""
+        self._process._signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self._process._signal(signal.SIGCONT)
 
     def __enter__(self):
         self.start()

@@ -111,6 +111,7 @@ class WorkerConfig:
     shutdown_grace_seconds: float = 30.0
     poll_timeout_ms: int = 200
     max_batches_in_flight: int = 2
+    producer_rebuild_seconds: float = 120.0
 
 
 @dataclass
@@ -177,7 +178,7 @@ POSITIVE = {
     "kafka.max_request_size", "kafka.fetch_max_bytes", "kafka.max_partition_fetch_bytes",
     "batching.max_spectra", "batching.max_wait_seconds", "engine.batch_size", "engine.chunk_spectra",
     "engine.num_threads", "inputs.max_message_bytes", "worker.shutdown_grace_seconds", "worker.poll_timeout_ms",
-    "worker.max_batches_in_flight", "sink.max_rows", "sink.connect_timeout_seconds", "sink.retry_max_seconds",
+    "worker.max_batches_in_flight", "worker.producer_rebuild_seconds", "sink.max_rows", "sink.connect_timeout_seconds", "sink.retry_max_seconds",
 }
 SECRET_KEYS = {"sasl_password", "password", "ssl_password"}
 

@@ -42,6 +42,44 @@ def test_broker_restart_mid_stream(restartable_kafka, worker_factory):
     assert worker.terminate() == 0
 
 
+@pytest.mark.parametrize("batches_in_flight", [2])
+@pytest.mark.parametrize("failure", ["frozen", "killed"])
+def test_exactly_once_recovers_by_itself_when_the_transaction_coordinator_fails(restartable_kafka, worker_factory,
+                                                                              failure):
+    """The broker (the transaction coordinator) stops answering mid-stream under a short request
+    timeout: frozen (SIGSTOP: requests time out, as with a machine lost to the network) or killed
+    (its connections reset), back 10 s later. The worker, not Kubernetes, recovers, and every
+    input has exactly one committed result. Frozen, the transaction's end times out and leaves
+    kafka-python's producer in an error state for good; the worker replaces it."""
+    broker = restartable_kafka
+    topics = Topics().create(broker)
+    ids = produce_spectra(broker.bootstrap, topics.input, 160, "wedge")
+    worker = worker_factory(broker, topics, kafka__delivery="exactly_once", kafka__request_timeout_ms=3000,
+                            kafka__transactional_id=f"{topics.group}-tx", batching__max_spectra=8,
+                            engine__num_draws=20)
+    worker.wait_ready()
+    wait_until(lambda: published(worker) >= 16, 60, "first results")
+    if failure == "frozen":
+        broker.freeze()
+        time.sleep(10)
+        broker.thaw()
+    else:
+        broker.kill()
+        time.sleep(10)
+        broker.start()
+        broker.wait_ready()
+    back = time.monotonic()
+    out = ids_of(consume(broker.bootstrap, topics.output, 160, timeout=180, read_committed=True, settle=3))
+    assert sorted(out) == sorted(ids)  # each exactly once
+    assert worker.process.poll() is None, "the worker exited instead of recovering"
+    replaced = "replacing it" in worker.tail(3000)
+    print(f"\ncoordinator {failure}: all {len(out)} results {time.monotonic() - back:.1f} s after it came back; "
+          f"producer replaced: {replaced}")
+    if failure == "frozen":
+        assert replaced, "the frozen coordinator should have wedged the producer"
+    assert worker.terminate() == 0
+
+
 def test_kill_after_publishing_before_committing(kafka_broker, worker_factory):
     topics = Topics().create(kafka_broker)
     ids = produce_spectra(kafka_broker.bootstrap, topics.input, 60, "precommit")

@@ -12,12 +12,13 @@ import threading
 import time
 
 import pytest
+from kafka.errors import KafkaError
 from kafka.structs import ConsumerGroupMetadata, MemberState, TopicPartition
 
 from stream_worker.config import load_config
 from stream_worker.streaming import worker as worker_module
 from stream_worker.streaming.batch import BatchResult, Inferred, Item, Outgoing, Prepared
-from stream_worker.streaming.checkpoint import Checkpoint
+from stream_worker.streaming.checkpoint import Checkpoint, ProducerUnusable
 from stream_worker.streaming.metrics import Metrics
 from stream_worker.streaming.worker import EngineThread, Worker
 from tests.helpers import consumed
@@ -402,3 +403,79 @@ def test_the_checkpoint_reconciles_offsets_after_a_rebalance():
     assert older.next == {kept: 11} and newer.next == {kept: 12} and len(checkpoint) == 2
     with pytest.raises(RuntimeError, match="in the order"):
         checkpoint.commit(newer, [])
+
+
+class TransactionalProducer(FakeProducer):
+    """Records transactions; ``wedged`` plays kafka-python's error state after a lost coordinator:
+    the commit times out, and then neither abort nor begin works again."""
+
+    def __init__(self, wedged: bool = False) -> None:
+        super().__init__()
+        self.wedged, self.closed = wedged, False
+        self.committed: list[dict] = []
+        self.offsets: dict = {}
+
+    def begin_transaction(self) -> None:
+        if self.wedged and self.committed is None:
+            raise KafkaError("Cannot execute transactional method because we are in an error state")
+
+    def send_offsets_to_transaction(self, offsets, group_metadata) -> None:
+        self.offsets = {tp: o.offset for tp, o in offsets.items()}
+
+    def commit_transaction(self) -> None:
+        if self.wedged:
+            self.committed = None  # from now on: the error state
+            raise KafkaError("EndTxnRequest failed: RequestTimedOutError")
+        self.committed.append(self.offsets)
+
+    def abort_transaction(self) -> None:
+        if self.wedged:
+            raise KafkaError("Cannot execute transactional method because we are in an error state")
+
+    def close(self, timeout=None) -> None:
+        self.closed = True
+
+
+def test_a_producer_left_unable_to_end_a_transaction_is_replaced_and_the_batch_redone(monkeypatch):
+    monkeypatch.setattr(worker_module, "RETRY_BACKOFF_SECONDS", 0.0)
+    wedged, replacements = TransactionalProducer(wedged=True), []
+
+    def new_producer():
+        replacements.append(TransactionalProducer())
+        return replacements[-1]
+
+    consumer = FakeConsumer(messages(8))
+    worker = worker_with(consumer, SlowPipeline(0.01), producer=wedged, kafka__delivery="exactly_once",
+                         worker__max_batches_in_flight=1)
+    worker.new_producer = new_producer
+    run_until(worker, lambda: replacements and replacements[0].committed[-1:] == [{PARTITION: 8}])
+    assert wedged.closed and len(replacements) == 1 and worker.producer is replacements[0]
+    assert [c[PARTITION] for c in replacements[0].committed] == [4, 8]  # the failed batch redone, then the next
+    assert worker.metrics.producer_replacements._value.get() == 1
+
+
+def test_without_a_way_to_replace_the_producer_the_worker_exits_non_zero(monkeypatch):
+    monkeypatch.setattr(worker_module, "RETRY_BACKOFF_SECONDS", 0.0)
+    worker = worker_with(FakeConsumer(messages(4)), SlowPipeline(0.01), producer=TransactionalProducer(wedged=True),
+                         kafka__delivery="exactly_once")
+    worker.consumer.subscribe = lambda topics, listener=None: None
+    worker.consumer.partitions_for_topic = lambda topic: {0}
+    worker.consumer.close = lambda autocommit=False: None
+    exit_codes: list[int] = []
+    running = threading.Thread(target=lambda: exit_codes.append(worker.run()), daemon=True)
+    running.start()
+    running.join(10)
+    assert exit_codes == [1], "the worker kept going with a producer it cannot use"
+
+
+def test_a_producer_that_cannot_be_replaced_in_time_ends_the_worker(monkeypatch):
+    monkeypatch.setattr(worker_module, "RETRY_BACKOFF_SECONDS", 0.0)
+
+    def broker_gone():
+        raise KafkaError("init_transactions timed out")
+
+    worker = worker_with(FakeConsumer(messages(4)), SlowPipeline(0.01), producer=TransactionalProducer(wedged=True),
+                         kafka__delivery="exactly_once", worker__producer_rebuild_seconds=1)
+    worker.new_producer = broker_gone
+    with pytest.raises(ProducerUnusable, match="aborting the transaction failed.*no new producer within 1 s"):
+        run_until(worker, lambda: False, timeout=5)

@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from kafka.errors import ProducerFencedError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from stream_worker.streaming.outgoing import send
@@ -32,6 +33,11 @@ log = logging.getLogger(__name__)
 
 class PublishError(RuntimeError):
     """A message of the batch was not acknowledged by the broker; the offsets were not committed."""
+
+
+class ProducerUnusable(RuntimeError):
+    """The transactional producer can neither begin nor abort a transaction: kafka-python keeps
+    it in that error state for good, so only a new producer can go on."""
 
 
 @dataclass
@@ -62,6 +68,7 @@ class Checkpoint:
         self.flush_timeout_s = flush_timeout_s
         self.open: deque[BatchOffsets] = deque()
         self.in_transaction = False
+        self.unusable: str | None = None  # why the producer must be replaced (exactly-once)
 
     def __len__(self) -> int:
         """Messages consumed and not yet committed."""
@@ -83,8 +90,7 @@ class Checkpoint:
         if self.exactly_once:
             if self.in_transaction:
                 raise RuntimeError("a transaction is open: commit the previous batch first")
-            self.producer.begin_transaction()
-            self.in_transaction = True
+            self._begin_transaction()
         futures = send(self.producer, outgoing)
         if on_acknowledged is not None:
             for future in futures:
@@ -110,8 +116,7 @@ class Checkpoint:
         # 2. commit the offsets
         if self.exactly_once:
             if not self.in_transaction:  # a batch without anything to publish
-                self.producer.begin_transaction()
-                self.in_transaction = True
+                self._begin_transaction()
             if offsets:
                 self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
             self.producer.commit_transaction()
@@ -120,6 +125,20 @@ class Checkpoint:
             self.consumer.commit(offsets, timeout_ms=int(self.flush_timeout_s * 1000))
         log.debug("committed %s", {f"{tp.topic}[{tp.partition}]": o for tp, o in batch.next.items()})
         self.open.popleft()
+
+    def _begin_transaction(self) -> None:
+        try:
+            self.producer.begin_transaction()
+        except ProducerFencedError:
+            raise
+        except Exception as exc:
+            self.unusable = f"cannot begin a transaction: {type(exc).__name__}: {exc}"
+            raise ProducerUnusable(self.unusable) from exc
+        self.in_transaction = True
+
+    def replace_producer(self, producer) -> None:
+        """A new producer (same transactional id) takes over; nothing is open any more."""
+        self.producer, self.in_transaction, self.unusable = producer, False, None
 
     def reconcile(self, owned, held: list) -> None:
         """After a rebalance: forgets the uncommitted offsets of partitions no longer ``owned``
@@ -143,8 +162,11 @@ class Checkpoint:
         if self.exactly_once and self.in_transaction:
             try:
                 self.producer.abort_transaction()
-            except Exception:
-                log.exception("aborting the transaction failed")
+            except ProducerFencedError:
+                raise
+            except Exception as exc:
+                log.error("aborting the transaction failed: %s: %s", type(exc).__name__, exc)
+                self.unusable = f"aborting the transaction failed: {type(exc).__name__}: {exc}"
             self.in_transaction = False
         first: dict[TopicPartition, int] = {}
         for batch in self.open:  # oldest first: the first offset seen of a partition is its earliest

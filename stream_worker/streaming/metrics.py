@@ -43,6 +43,10 @@ class Metrics:
         self.batch_failures = Counter(
             "stream_worker_batch_failures_total", "Batches whose engine run, publish or commit failed and were retried",
             ["stage"], registry=r)
+        self.producer_replacements = Counter(
+            "stream_worker_producer_replacements_total",
+            "Transactional producers replaced because a broker failure left them unable to end a transaction",
+            registry=r)
         self.batch_size = Histogram(
             "stream_worker_batch_size_spectra", "Messages per micro-batch", buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.inference_seconds = Histogram(

@@ -54,6 +54,6 @@ def build_worker(config: Config, replay: ReplayRange | None = None) -> tuple[Wor
     )
     waiting_for[0] = "connecting to Kafka"
     worker = Worker(config, pipeline, make_consumer(config), make_producer(config), metrics,
-                    probe.problem, engine, replay)
+                    probe.problem, engine, replay, new_producer=lambda: make_producer(config))
     started.append(worker)
     return worker, health

@@ -39,7 +39,7 @@ from kafka.structs import TopicPartition
 
 from stream_worker.config import Config
 from stream_worker.streaming.batch import BatchResult, Pipeline, Prepared
-from stream_worker.streaming.checkpoint import BatchOffsets, Checkpoint
+from stream_worker.streaming.checkpoint import BatchOffsets, Checkpoint, ProducerUnusable
 from stream_worker.streaming.kafka_clients import Rebalance, joining, member_ready, partition_lag
 from stream_worker.streaming.metrics import Metrics, forget_lag, show_lag
 from stream_worker.streaming.replay import ReplayRange
@@ -98,14 +98,17 @@ class Batch:
 class Worker:
     def __init__(self, config: Config, pipeline: Pipeline, consumer, producer, metrics: Metrics,
                  broker_problem: Callable[[], str | None], engine: EngineThread | None = None,
-                 replay: ReplayRange | None = None) -> None:
+                 replay: ReplayRange | None = None, new_producer: Callable[[], object] | None = None) -> None:
         """``engine``: the thread the pipeline's engine was built on (a new one if not given).
-        ``replay``: process only this range of offsets, then stop (``stream-worker replay``)."""
+        ``replay``: process only this range of offsets, then stop (``stream-worker replay``).
+        ``new_producer``: makes a producer like ``producer``, to replace one that a broker failure
+        left unusable (exactly-once); without it such a failure ends the worker."""
         self.config = config
         self.pipeline = pipeline
         self.engine = engine or EngineThread()
         self.consumer = consumer
         self.producer = producer
+        self.new_producer = new_producer
         self.metrics = metrics
         self.checkpoint = Checkpoint(consumer, producer, exactly_once=config.kafka.delivery == "exactly_once")
         self.max_in_flight = config.worker.max_batches_in_flight
@@ -161,6 +164,9 @@ class Worker:
                 self.step()
         except ProducerFencedError:
             log.error("another worker took over this transactional id; exiting")
+            exit_code = 1
+        except ProducerUnusable as exc:
+            log.error("no usable producer (%s); exiting so that the pod is restarted", exc)
             exit_code = 1
         finally:
             self._close()
@@ -346,7 +352,42 @@ class Worker:
                           stage, type(exc).__name__, exc)
             self.metrics.batch_failures.labels(stage=stage).inc()
             self._rewind()
+            if self.checkpoint.unusable:
+                self._replace_producer()
             time.sleep(RETRY_BACKOFF_SECONDS)
+
+    def _replace_producer(self) -> None:
+        """kafka-python leaves a transactional producer that could not end a transaction (a
+        coordinator lost mid-commit) in an error state for good: every later batch would fail
+        while the process looks healthy. A new producer with the same transactional id fences the
+        old one and aborts what it left open; the rewound batches are then done again. If none can
+        be made within ``worker.producer_rebuild_seconds``, ProducerUnusable ends the worker."""
+        reason = self.checkpoint.unusable
+        if self.new_producer is None:
+            raise ProducerUnusable(reason)
+        log.error("the transactional producer is unusable (%s): replacing it", reason)
+        try:
+            self.producer.close(timeout=0)
+        except Exception as exc:
+            log.warning("closing the old producer failed: %s: %s", type(exc).__name__, exc)
+        deadline = time.monotonic() + self.config.worker.producer_rebuild_seconds
+        while True:
+            try:
+                producer = self.new_producer()
+                break
+            except ProducerFencedError:
+                raise
+            except Exception as exc:
+                if time.monotonic() > deadline or self._past_stop_deadline():
+                    raise ProducerUnusable(f"{reason}; no new producer within "
+                                           f"{self.config.worker.producer_rebuild_seconds:.0f} s: "
+                                           f"{type(exc).__name__}: {exc}") from exc
+                log.error("making a new producer failed (%s: %s); trying again", type(exc).__name__, exc)
+                time.sleep(RETRY_BACKOFF_SECONDS)
+        self.producer = producer
+        self.checkpoint.replace_producer(producer)
+        self.metrics.producer_replacements.inc()
+        log.info("a new transactional producer took over; the batches in flight are done again")
 
     def _rewind(self) -> None:
         """Abandons every batch in flight and the messages in hand; the consumer goes back to the
