@@ -181,7 +181,7 @@ class ServiceProcess:
             return
         assert self._proc is not None
         log.info("stopping %s", self.name)
-        self._signal(self.stop_signal)
+        self.send_signal(self.stop_signal)
         try:
             self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -192,10 +192,10 @@ class ServiceProcess:
         if not self.running:
             return
         assert self._proc is not None
-        self._signal(signal.SIGKILL)
+        self.send_signal(signal.SIGKILL)
         self._proc.wait()
 
-    def _signal(self, sig: signal.Signals) -> None:
+    def send_signal(self, sig: signal.Signals) -> None:
         assert self._proc is not None
         try:
             os.killpg(self._proc.pid, sig)
@@ -275,10 +275,20 @@ class LocalService:
     def freeze(self) -> None:
         """Stop the service answering (SIGSTOP) without closing a connection, as a machine lost
         to the network looks to its clients: their requests time out instead of failing fast."""
-        self._process._signal(signal.SIGSTOP)
+        self._process.send_signal(signal.SIGSTOP)
 
     def thaw(self) -> None:
-        self._process._signal(signal.SIGCONT)
+        self._process.send_signal(signal.SIGCONT)
+
+    def serve(self, banner: str) -> None:
+        """Command-line use: prints ``banner`` (how to connect), then runs until Ctrl-C or until
+        the service exits."""
+        print(banner, flush=True)
+        try:
+            while self.running:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
 
     def __enter__(self):
         self.start()

@@ -156,12 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with LocalPostgres(args.data_dir, args.port, durable=True) as server:
-        print(f"conninfo: {server.conninfo}\npassword: {server.password}", flush=True)
-        try:
-            while server.running:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+        server.serve(f"conninfo: {server.conninfo}\npassword: {server.password}")
     return 0
 
 

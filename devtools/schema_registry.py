@@ -127,12 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(fetch_registry())
         return 0
     with LocalSchemaRegistry(args.data_dir, args.port) as registry:
-        print(f"schema_registry_url: {registry.url}", flush=True)
-        try:
-            while registry.running:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+        registry.serve(f"schema_registry_url: {registry.url}")
     return 0
 
 

@@ -449,7 +449,7 @@ def test_a_producer_left_unable_to_end_a_transaction_is_replaced_and_the_batch_r
                          worker__max_batches_in_flight=1)
     worker.new_producer = new_producer
     run_until(worker, lambda: replacements and replacements[0].committed[-1:] == [{PARTITION: 8}])
-    assert wedged.closed and len(replacements) == 1 and worker.producer is replacements[0]
+    assert wedged.closed and len(replacements) == 1 and worker.checkpoint.producer is replacements[0]
     assert [c[PARTITION] for c in replacements[0].committed] == [4, 8]  # the failed batch redone, then the next
     assert worker.metrics.producer_replacements._value.get() == 1
 

@@ -107,7 +107,6 @@ class Worker:
         self.pipeline = pipeline
         self.engine = engine or EngineThread()
         self.consumer = consumer
-        self.producer = producer
         self.new_producer = new_producer
         self.metrics = metrics
         self.checkpoint = Checkpoint(consumer, producer, exactly_once=config.kafka.delivery == "exactly_once")
@@ -206,7 +205,7 @@ class Worker:
     def _close(self) -> None:
         self.metrics.ready.set_function(lambda: 0)
         self.consumer.close(autocommit=False)
-        self.producer.close(timeout=10)
+        self.checkpoint.producer.close(timeout=10)
         log.info("stopped")
 
     # ------------------------------------------------------------------ collect, prepare, infer
@@ -367,7 +366,7 @@ class Worker:
             raise ProducerUnusable(reason)
         log.error("the transactional producer is unusable (%s): replacing it", reason)
         try:
-            self.producer.close(timeout=0)
+            self.checkpoint.producer.close(timeout=0)
         except Exception as exc:
             log.warning("closing the old producer failed: %s: %s", type(exc).__name__, exc)
         deadline = time.monotonic() + self.config.worker.producer_rebuild_seconds
@@ -384,7 +383,6 @@ class Worker:
                                            f"{type(exc).__name__}: {exc}") from exc
                 log.error("making a new producer failed (%s: %s); trying again", type(exc).__name__, exc)
                 time.sleep(RETRY_BACKOFF_SECONDS)
-        self.producer = producer
         self.checkpoint.replace_producer(producer)
         self.metrics.producer_replacements.inc()
         log.info("a new transactional producer took over; the batches in flight are done again")
@@ -436,7 +434,7 @@ class Worker:
         """Runs on kafka-python's IO thread, which also drives heartbeats: it must not block,
         so it only takes note. The main thread reconciles after its next poll. Eager: every
         partition goes before the join, and the join lasts until the new assignment. Cooperative:
-        only the partitions that move go, once the join is complete, and the rest never stop."""
+        only the partitions that move go, once the join is complete (:meth:`_note_join` saw it begin)."""
         log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
         self.assigned -= set(revoked)
         if not self.cooperative:

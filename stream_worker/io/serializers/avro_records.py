@@ -9,6 +9,7 @@ value must not break old readers). How the schema may evolve: ``docs/messages.md
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -93,7 +94,8 @@ def bind(registry: SchemaRegistry, subject: str, compatibility: str | None) -> S
         return out.getvalue()
 
     log.info("result schema registered under %s as id %d", subject, schema_id)
-    return Serializer("avro", (".avro",), write, encode, RESULT_CONTENT_TYPE, functools.partial(decode_message, registry))
+    return dataclasses.replace(SERIALIZERS["avro"], encode=encode, decode=functools.partial(decode_message, registry),
+                               bind=None)
 
 
 def decode_message(registry: SchemaRegistry, value: bytes) -> dict:
