@@ -50,6 +50,7 @@ class KafkaConfig:
     session_timeout_ms: int = 45_000
     max_poll_interval_ms: int = 300_000
     request_timeout_ms: int = 30_000
+    transaction_timeout_ms: int = 60_000
     compression_type: str | None = "gzip"
     max_request_size: int = 4_194_304
     fetch_max_bytes: int = 52_428_800
@@ -112,6 +113,9 @@ class WorkerConfig:
     poll_timeout_ms: int = 200
     max_batches_in_flight: int = 2
     producer_rebuild_seconds: float = 120.0
+    commit_timeout_seconds: float = 60.0
+    ready_stall_seconds: float = 120.0
+    live_stall_seconds: float = 300.0
 
 
 @dataclass
@@ -174,11 +178,12 @@ CHOICES = {
     "logging.format": ("json", "text"),
 }
 POSITIVE = {
-    "kafka.session_timeout_ms", "kafka.max_poll_interval_ms", "kafka.request_timeout_ms",
+    "kafka.session_timeout_ms", "kafka.max_poll_interval_ms", "kafka.request_timeout_ms", "kafka.transaction_timeout_ms",
     "kafka.max_request_size", "kafka.fetch_max_bytes", "kafka.max_partition_fetch_bytes",
     "batching.max_spectra", "batching.max_wait_seconds", "engine.batch_size", "engine.chunk_spectra",
     "engine.num_threads", "inputs.max_message_bytes", "worker.shutdown_grace_seconds", "worker.poll_timeout_ms",
-    "worker.max_batches_in_flight", "worker.producer_rebuild_seconds", "sink.max_rows", "sink.connect_timeout_seconds", "sink.retry_max_seconds",
+    "worker.max_batches_in_flight", "worker.producer_rebuild_seconds",
+    "worker.commit_timeout_seconds", "worker.ready_stall_seconds", "worker.live_stall_seconds", "sink.max_rows", "sink.connect_timeout_seconds", "sink.retry_max_seconds",
 }
 SECRET_KEYS = {"sasl_password", "password", "ssl_password"}
 
@@ -279,6 +284,12 @@ def _check(config: Config) -> Config:
                           f"found {config.logging.repeat_summary_seconds}")
     if not 0 < config.metrics.port < 65536:
         raise ConfigError(f"metrics.port: must be a TCP port, found {config.metrics.port}")
+    worker = config.worker
+    if worker.live_stall_seconds <= max(worker.ready_stall_seconds, worker.commit_timeout_seconds,
+                                        worker.producer_rebuild_seconds):
+        raise ConfigError("worker.live_stall_seconds: must exceed worker.ready_stall_seconds, "
+                          "worker.commit_timeout_seconds and worker.producer_rebuild_seconds (liveness must not "
+                          "restart a worker that is still waiting out a commit or replacing its producer)")
     if config.kafka.max_poll_interval_ms <= config.kafka.session_timeout_ms:
         raise ConfigError("kafka.max_poll_interval_ms: must exceed kafka.session_timeout_ms")
     if config.inputs.max_message_bytes + 65_536 > config.kafka.max_request_size:

@@ -43,6 +43,43 @@ def test_broker_restart_mid_stream(restartable_kafka, worker_factory):
 
 
 @pytest.mark.parametrize("batches_in_flight", [2])
+def test_the_probes_tell_the_truth_when_the_broker_stops_answering(restartable_kafka, worker_factory):
+    """A frozen broker still accepts TCP connections (the kernel completes them), so only the
+    worker's own progress shows that it cannot do its job: /readyz fails after
+    worker.ready_stall_seconds without a committed batch, /healthz (Kubernetes' restart) after
+    worker.live_stall_seconds, and both pass again once batches are committed."""
+    broker = restartable_kafka
+    topics = Topics().create(broker)
+    worker = worker_factory(broker, topics, module="tests.fault_worker", extra_env={"FAULT_ENGINE_DELAY_S": "0.5"},
+                            kafka__request_timeout_ms=3000, worker__commit_timeout_seconds=2,
+                            worker__producer_rebuild_seconds=3, worker__ready_stall_seconds=5,
+                            worker__live_stall_seconds=10, batching__max_spectra=8)
+    worker.wait_ready()
+    ids = produce_spectra(broker.bootstrap, topics.input, 80, "probe")  # 10 batches of 0.5 s: work waits at the freeze
+    wait_until(lambda: published(worker) >= 8, 60, "first results")
+    broker.freeze()
+    frozen = time.monotonic()
+    try:
+        wait_until(lambda: worker.get("/readyz")[0] == 503, 60, "readiness to fail", interval=0.2)
+        unready, why_unready = time.monotonic() - frozen, worker.get("/readyz")[1]
+        wait_until(lambda: worker.get("/healthz")[0] == 503, 60, "liveness to fail", interval=0.2)
+        dead, why_dead = time.monotonic() - frozen, worker.get("/healthz")[1]
+    finally:
+        broker.thaw()
+    live_again = wait_until(lambda: worker.get("/healthz")[0] == 200, 90, "liveness to return", interval=0.2)
+    ready_again = live_again + wait_until(lambda: worker.get("/readyz")[0] == 200, 90, "readiness to return",
+                                          interval=0.2)
+    out = ids_of(consume(broker.bootstrap, topics.output, len(ids), timeout=120, settle=2))
+    print(f"\nfrozen broker: /readyz 503 {unready:.1f} s and /healthz 503 {dead:.1f} s after the freeze; "
+          f"200 again {live_again:.1f} s / {ready_again:.1f} s after the thaw; {why_unready.strip()!r}")
+    assert "no batch committed for" in why_unready and "worker.ready_stall_seconds = 5 s" in why_unready
+    assert "worker.live_stall_seconds = 10 s" in why_dead
+    assert 3 < unready < dead and dead > 8  # counted from the last commit, just before the freeze
+    assert set(out) == set(ids) and worker.process.poll() is None
+    assert worker.terminate() == 0
+
+
+@pytest.mark.parametrize("batches_in_flight", [2])
 @pytest.mark.parametrize("failure", ["frozen", "killed"])
 def test_exactly_once_recovers_by_itself_when_the_transaction_coordinator_fails(restartable_kafka, worker_factory,
                                                                               failure):

@@ -62,6 +62,8 @@ class BatchOffsets:
 
 class Checkpoint:
     def __init__(self, consumer, producer, exactly_once: bool, flush_timeout_s: float = 60.0) -> None:
+        """``flush_timeout_s``: how long a commit waits for the batch's acknowledgements (and, at
+        least once, for the offset commit) before it fails and the batch is redone."""
         self.consumer = consumer
         self.producer = producer
         self.exactly_once = exactly_once

@@ -87,7 +87,7 @@ def make_producer(config: Config) -> KafkaProducer:
         **security_options(config),
     )
     if kafka.delivery == "exactly_once":
-        options["transactional_id"] = transactional_id(config)
+        options.update(transactional_id=transactional_id(config), transaction_timeout_ms=kafka.transaction_timeout_ms)
     producer = KafkaProducer(**options)
     if kafka.delivery == "exactly_once":
         producer.init_transactions()

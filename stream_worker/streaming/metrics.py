@@ -12,7 +12,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from stream_worker.core.flags import FLAG_NAMES, set_bits
@@ -27,6 +27,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_start_time_seconds: StreamWorkerRestarting counts restarts
         self.messages_consumed = Counter(
             "stream_worker_messages_consumed_total", "Input messages taken from Kafka", ["topic"], registry=r)
         self.spectra_processed = Counter(
@@ -66,6 +67,9 @@ class Metrics:
         self.last_success = Gauge(
             "stream_worker_last_successful_batch_timestamp_seconds", "Unix time of the last committed batch",
             registry=r)
+        self.stalled = Gauge(
+            "stream_worker_stalled_seconds", "Seconds since the last committed batch while messages wait "
+            "(in flight or lag); 0 when none wait. /readyz and /healthz fail past their bounds", registry=r)
         self.ready = Gauge("stream_worker_ready", "1 when the worker is ready (model loaded, partitions, broker)",
                            registry=r)
         self.model_info = Gauge(
@@ -110,21 +114,27 @@ def forget_lag(gauge: Gauge, owned) -> None:
                 gauge.remove(sample.labels["topic"], sample.labels["partition"])
 
 
-class HealthServer:
-    """Serves /metrics, /healthz (the process answers) and /readyz (``ready()`` says why not)."""
+def always_live() -> tuple[bool, str]:
+    return True, "ok"
 
-    def __init__(self, metrics: Metrics, ready: Callable[[], tuple[bool, str]], host: str, port: int) -> None:
+
+class HealthServer:
+    """Serves /metrics, /healthz (liveness: ``live()`` says why not) and /readyz (``ready()``
+    says why not); both answer 503 with the reason when they fail."""
+
+    def __init__(self, metrics, ready: Callable[[], tuple[bool, str]], host: str, port: int,
+                 live: Callable[[], tuple[bool, str]] = always_live) -> None:
+        """``metrics``: anything with a prometheus ``registry`` (the worker's, the sink's)."""
         registry = metrics.registry
+        probes = {"/healthz": live, "/readyz": ready}
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    self._reply(200, b"ok\n")
-                elif path == "/readyz":
-                    ok, why = ready()
+                elif path in probes:
+                    ok, why = probes[path]()
                     self._reply(200 if ok else 503, (why + "\n").encode())
                 else:
                     self._reply(404, b"not found\n")

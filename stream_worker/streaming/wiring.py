@@ -9,7 +9,7 @@ from stream_worker.io.files import FileReader
 from stream_worker.io.serializers import message_serializer
 from stream_worker.streaming.batch import Pipeline
 from stream_worker.streaming.kafka_clients import broker_probe, make_consumer, make_producer
-from stream_worker.streaming.metrics import HealthServer, Metrics
+from stream_worker.streaming.metrics import HealthServer, Metrics, always_live
 from stream_worker.streaming.replay import REPLAY_HEADER, ReplayRange
 from stream_worker.streaming.worker import EngineThread, Worker
 
@@ -39,9 +39,12 @@ def build_worker(config: Config, replay: ReplayRange | None = None) -> tuple[Wor
             return started[0].ready()
         return probe.connecting() if waiting_for[0] == "connecting to Kafka" else (False, waiting_for[0])
 
+    def live() -> tuple[bool, str]:
+        return started[0].live() if started else always_live()
+
     health = None
     if config.metrics.enabled:
-        health = HealthServer(metrics, ready, config.metrics.host, config.metrics.port).start()
+        health = HealthServer(metrics, ready, config.metrics.host, config.metrics.port, live).start()
     engine = EngineThread()
     estimator = engine.submit(Estimator.from_config, config.engine).result()
     metrics.set_model(estimator.provenance, str(estimator.device), estimator.num_draws)

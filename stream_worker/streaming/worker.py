@@ -42,6 +42,7 @@ from stream_worker.streaming.batch import BatchResult, Pipeline, Prepared
 from stream_worker.streaming.checkpoint import BatchOffsets, Checkpoint, ProducerUnusable
 from stream_worker.streaming.kafka_clients import Rebalance, joining, member_ready, partition_lag
 from stream_worker.streaming.metrics import Metrics, forget_lag, show_lag
+from stream_worker.streaming.progress import Progress
 from stream_worker.streaming.replay import ReplayRange
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ class Worker:
         self.consumer = consumer
         self.new_producer = new_producer
         self.metrics = metrics
-        self.checkpoint = Checkpoint(consumer, producer, exactly_once=config.kafka.delivery == "exactly_once")
+        self.checkpoint = Checkpoint(consumer, producer, exactly_once=config.kafka.delivery == "exactly_once",
+                                     flush_timeout_s=config.worker.commit_timeout_seconds)
         self.max_in_flight = config.worker.max_batches_in_flight
         self.stopping = threading.Event()
         self.stop_deadline: float | None = None
@@ -126,6 +128,8 @@ class Worker:
         self.rebalance_began, self.rebalance_warned = 0.0, False
         self.broker_problem = broker_problem
         self.last_lag_refresh = 0.0
+        self.lag: dict[TopicPartition, int] = {}  # as last read, of the partitions owned
+        self.progress = Progress()
         self.assigned: set = set()
         self.replay = replay
         self.finished: set[TopicPartition] = set()  # replay: partitions past the range's end, kept paused
@@ -133,7 +137,21 @@ class Worker:
     # ------------------------------------------------------------------ lifecycle
 
     def ready(self) -> tuple[bool, str]:
-        return member_ready(self.assigned, self.broker_problem)
+        """/readyz: partitions assigned, a broker usable, the producer usable, and a batch
+        committed within ``worker.ready_stall_seconds`` while work waits."""
+        ok, why = member_ready(self.assigned, self.broker_problem)
+        if not ok:
+            return ok, why
+        if self.checkpoint.unusable:
+            return False, f"replacing the transactional producer ({self.checkpoint.unusable})"
+        stalled = self.progress.stalled(self.config.worker.ready_stall_seconds, "worker.ready_stall_seconds")
+        return (False, stalled) if stalled else (True, "ready")
+
+    def live(self) -> tuple[bool, str]:
+        """/healthz: fails once work has waited ``worker.live_stall_seconds`` without a committed
+        batch, so that Kubernetes restarts a worker wedged in a way it cannot heal itself."""
+        stalled = self.progress.stalled(self.config.worker.live_stall_seconds, "worker.live_stall_seconds")
+        return (False, stalled) if stalled else (True, "ok")
 
     def request_stop(self, *_signal_args) -> None:
         """SIGTERM/SIGINT: stop fetching; finish, publish and commit every batch in flight (and the
@@ -157,6 +175,7 @@ class Worker:
         log.info("consuming %s as group %s (%s, up to %d batches in flight)", self.config.kafka.input_topics,
                  self.config.kafka.group_id, self.config.kafka.delivery, self.max_in_flight)
         self.metrics.ready.set_function(lambda: int(self.ready()[0]))
+        self.metrics.stalled.set_function(self.progress.stalled_seconds)
         exit_code = 0
         try:
             while self._running():
@@ -180,6 +199,7 @@ class Worker:
             self._wait()
         if not self.rebalancing:
             self._refresh_lag()
+        self.progress.note(len(self.checkpoint) + len(self.pending) + sum(self.lag.values()))
 
     def _running(self) -> bool:
         """Until a stop request; then until every batch in flight, and the messages in hand, is
@@ -350,6 +370,7 @@ class Worker:
                 log.error("%s failed (%s: %s); the batches in flight stay uncommitted and will be processed again",
                           stage, type(exc).__name__, exc)
             self.metrics.batch_failures.labels(stage=stage).inc()
+            self.progress.failed()
             self._rewind()
             if self.checkpoint.unusable:
                 self._replace_producer()
@@ -409,6 +430,7 @@ class Worker:
             if record.get("input_timestamp_ms"):
                 self.metrics.latency.observe(max(0.0, now - record["input_timestamp_ms"] / 1000))
         self.metrics.last_success.set(now)
+        self.progress.committed()
         if self.replay is not None:
             self.replay.record(batch.offsets.next, len(records), len(batch.result.dead_letters))
         elapsed = time.monotonic() - batch.submitted
@@ -488,6 +510,8 @@ class Worker:
         if self.paused:  # newly assigned partitions wait for the batches in flight too
             self.consumer.pause(*owned)
         forget_lag(self.metrics.consumer_lag, owned)
+        self.lag = {tp: messages for tp, messages in self.lag.items() if tp in owned}
+        self.progress.reassigned()
         self.last_lag_refresh = 0.0
 
     # ------------------------------------------------------------------ lag
@@ -498,6 +522,7 @@ class Worker:
             return
         self.last_lag_refresh = time.monotonic()
         try:
-            show_lag(self.metrics.consumer_lag, partition_lag(self.consumer))
+            self.lag = partition_lag(self.consumer)
+            show_lag(self.metrics.consumer_lag, self.lag)
         except Exception as exc:
             log.warning("cannot read partition end offsets for the lag: %s: %s", type(exc).__name__, exc)

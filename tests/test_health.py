@@ -1,0 +1,124 @@
+"""Readiness and liveness that tell the truth: a worker whose batches keep failing turns unready,
+then not live (so that Kubernetes restarts it), and both recover once a batch is committed. Unit
+level with a fake clock; the real-broker version is in test_reliability.py."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+import pytest
+
+from stream_worker.config import ConfigError, load_config
+from stream_worker.streaming import worker as worker_module
+from stream_worker.streaming.metrics import HealthServer, Metrics
+from stream_worker.streaming.progress import Progress
+from tests.test_worker_loop import FakeConsumer, FakeProducer, SlowPipeline, committed, messages, run_until, worker_with
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_only_work_that_waits_without_a_commit_counts_as_stalled():
+    clock = Clock()
+    progress = Progress(clock)
+    clock.now += 500
+    progress.note(0)
+    assert progress.stalled_seconds() == 0  # idle for long is not stalled
+    progress.note(40)
+    clock.now += 90
+    assert progress.stalled_seconds() == 90
+    assert progress.stalled(60, "worker.ready_stall_seconds") == (
+        "no batch committed for 90 s while 40 messages wait (worker.ready_stall_seconds = 60 s)")
+    assert progress.stalled(120, "worker.ready_stall_seconds") is None
+    progress.committed()
+    clock.now += 30
+    assert progress.stalled_seconds() == 30  # counted from the commit, work still waiting
+
+
+def test_a_failed_batch_counts_as_waiting_even_when_nothing_else_is_known_to():
+    """After a rewind nothing is in flight, and the lag that would show the given-back messages
+    may be unreadable from the broker that failed the batch."""
+    clock = Clock()
+    progress = Progress(clock)
+    progress.failed()
+    progress.note(0)
+    clock.now += 200
+    assert progress.stalled(100, "worker.live_stall_seconds").endswith(
+        "while a failed batch waits to be redone (worker.live_stall_seconds = 100 s)")
+    progress.reassigned()  # the partitions went to another member with the failed work
+    assert progress.stalled_seconds() == 0
+
+
+class Refusing(FakeProducer):
+    """Refuses every message until ``refusing`` is cleared."""
+
+    refusing = True
+
+    def send(self, topic, value=None, key=None, headers=None):
+        self.fail_first = len(self.sent) + 1 if self.refusing else 0
+        return super().send(topic, value, key, headers)
+
+
+def test_a_worker_whose_batches_keep_failing_turns_unready_then_not_live_and_recovers(monkeypatch):
+    monkeypatch.setattr(worker_module, "RETRY_BACKOFF_SECONDS", 0.0)
+    clock = Clock()
+    producer = Refusing()
+    consumer = FakeConsumer(messages(8))
+    worker = worker_with(consumer, SlowPipeline(0.01), producer=producer, worker__max_batches_in_flight=1)
+    worker.progress = Progress(clock)
+    run_until(worker, lambda: worker.metrics.batch_failures.labels(stage="commit")._value.get() >= 2)
+    assert worker.ready() == (True, "ready") and worker.live() == (True, "ok")
+    clock.now += 121
+    ok, why = worker.ready()
+    assert not ok and why.startswith("no batch committed for 121 s while") and "worker.ready_stall_seconds" in why
+    assert worker.live() == (True, "ok")
+    clock.now += 180
+    ok, why = worker.live()
+    assert not ok and "no batch committed for 301 s" in why and "worker.live_stall_seconds = 300 s" in why
+    producer.refusing = False
+    run_until(worker, committed(consumer, 8))
+    assert worker.ready() == (True, "ready") and worker.live() == (True, "ok")
+
+
+def test_a_worker_replacing_its_producer_is_not_ready():
+    worker = worker_with(FakeConsumer(messages(4)), SlowPipeline(0.01))
+    worker.checkpoint.unusable = "aborting the transaction failed: KafkaError: error state"
+    assert worker.ready() == (False, "replacing the transactional producer (aborting the transaction failed: "
+                                     "KafkaError: error state)")
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_the_probes_answer_503_with_the_reason():
+    verdicts = {"live": (True, "ok"), "ready": (False, "no partitions assigned")}
+    server = HealthServer(Metrics(), lambda: verdicts["ready"], "127.0.0.1", 0, lambda: verdicts["live"]).start()
+    try:
+        assert get(server.port, "/healthz") == (200, "ok\n")
+        assert get(server.port, "/readyz") == (503, "no partitions assigned\n")
+        verdicts["live"] = (False, "no batch committed for 301 s while 9 messages wait")
+        assert get(server.port, "/healthz") == (503, "no batch committed for 301 s while 9 messages wait\n")
+        assert "process_start_time_seconds" in get(server.port, "/metrics")[1]  # StreamWorkerRestarting's input
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("settings", [
+    {"STREAM_WORKER__WORKER__LIVE_STALL_SECONDS": "100"},  # below ready_stall_seconds (120)
+    {"STREAM_WORKER__WORKER__COMMIT_TIMEOUT_SECONDS": "400"},
+    {"STREAM_WORKER__WORKER__PRODUCER_REBUILD_SECONDS": "300"},
+])
+def test_liveness_must_outlast_what_the_worker_waits_out_by_itself(settings):
+    with pytest.raises(ConfigError, match="^worker.live_stall_seconds: must exceed"):
+        load_config(None, settings)
