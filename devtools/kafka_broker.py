@@ -1,15 +1,17 @@
-"""A real single-node Kafka broker (KRaft) assembled from Maven Central jars.
+"""A real Kafka broker (KRaft) assembled from Maven Central jars: one node, or a cluster of three.
 
 Consumer groups, rebalances, acks and restarts are exactly what the stream worker must get right,
 and fakes do not reproduce them, so tests and the quickstart run a real broker. There is no
 Docker on the target machines, but Java and Maven Central are available: the jars are resolved
 once into ``${STREAM_WORKER_CACHE:-~/.cache/stream_worker}/kafka-<version>/libs`` and the broker
-runs as a child JVM.
+runs as a child JVM. Failover (a broker, the active controller or a coordinator lost) needs
+replicas, hence the three-node :class:`LocalKafkaCluster`, whose nodes are each a :class:`LocalKafka`.
 
 Command line::
 
     python -m devtools.kafka_broker fetch
     python -m devtools.kafka_broker run --data-dir D [--port P]
+    python -m devtools.kafka_broker cluster --data-dir D
 """
 
 from __future__ import annotations
@@ -30,16 +32,21 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.protocol.metadata import CoordinatorType
 
 from devtools.tls import BrokerCertificates, make_certificates
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 POM = Path(__file__).with_name("kafka-pom.xml")
 _POM_NS = {"m": "http://maven.apache.org/POM/4.0.0"}
@@ -215,21 +222,24 @@ TOPICS_FILE = Path(__file__).resolve().parent.parent / "k8s" / "kafka-topics" / 
 TOPIC_ROLES = {"input": "apogee.spectra", "output": "apogee.results", "dead_letter": "apogee.deadletter"}
 
 
-def local_topic_config(role: str) -> dict[str, str]:
+def local_topic_config(role: str, replicas: int = 1) -> dict[str, str]:
     """The production settings of the ``input``, ``output`` or ``dead_letter`` topic
-    (``k8s/kafka-topics/topics.yaml``, the one place they are written), for one local broker:
-    without ``min.insync.replicas``, which one replica could never satisfy."""
+    (``k8s/kafka-topics/topics.yaml``, the one place they are written), for a topic of
+    ``replicas`` replicas: without a ``min.insync.replicas`` that they could never satisfy (one
+    local broker), with it on a :class:`LocalKafkaCluster`."""
     import yaml
 
     with TOPICS_FILE.open() as stream:
         spec = next(t["spec"] for t in yaml.safe_load_all(stream) if t["spec"]["topicName"] == TOPIC_ROLES[role])
-    return {k: str(v) for k, v in spec["config"].items() if k != "min.insync.replicas"}
+    return {k: str(v) for k, v in spec["config"].items()
+            if k != "min.insync.replicas" or int(v) <= replicas}
 
 
-def create_topic(bootstrap: str, name: str, partitions: int, config: Mapping[str, str] | None = None) -> None:
-    """Create a topic (replication factor 1) unless it exists, and wait until every partition has a leader."""
+def create_topic(bootstrap: str, name: str, partitions: int, config: Mapping[str, str] | None = None,
+                 replication_factor: int = 1) -> None:
+    """Create a topic unless it exists, and wait until every partition has a leader."""
     with _admin(bootstrap) as admin:
-        spec = {"num_partitions": partitions, "replication_factor": 1, "configs": dict(config or {})}
+        spec = {"num_partitions": partitions, "replication_factor": replication_factor, "configs": dict(config or {})}
         try:
             admin.create_topics({name: spec})
         except TopicAlreadyExistsError:
@@ -306,7 +316,8 @@ class LocalService:
 
 
 class LocalKafka(LocalService):
-    """A single-node KRaft broker+controller on 127.0.0.1 keeping its data in ``data_dir``.
+    """A KRaft node, broker and controller in one, on 127.0.0.1 keeping its data in ``data_dir``:
+    a single-node cluster by default, or one node of a :class:`LocalKafkaCluster`.
 
     The ports are fixed for the object's lifetime, so stop() then start() comes back at the same
     bootstrap address with its topics, messages and committed offsets (storage is formatted only
@@ -321,14 +332,26 @@ class LocalKafka(LocalService):
         heap: str = "512m",
         scram_users: Mapping[str, str] | None = None,
         tls: bool = False,
+        node_id: int = 1,
+        quorum_voters: str | None = None,
+        cluster_id: str | None = None,
+        replicas: int = 1,
+        config: Mapping[str, str] | None = None,
     ) -> None:
         """``scram_users`` (name → password) adds a SASL_PLAINTEXT listener with SCRAM-SHA-256
         on ``sasl_port`` next to the plaintext one, for testing client authentication. ``tls``
         adds TLS listeners with certificates made on the fly (:attr:`certificates`): SSL on
         ``ssl_port``, the same with an expired certificate on ``expired_port``, and with
-        ``scram_users`` SASL_SSL on ``sasl_ssl_port``."""
+        ``scram_users`` SASL_SSL on ``sasl_ssl_port``.
+
+        A node of a cluster takes its ``node_id``, the cluster's ``quorum_voters``
+        (``controller.quorum.voters``; by default this node alone) and ``cluster_id`` (written when
+        storage is formatted; random by default), and ``replicas``: the replication factor of the
+        internal topics and, above 1, of new topics by default, with one replica allowed out of
+        sync (``min.insync.replicas``). ``config`` adds or overrides broker properties."""
         self.data_dir = Path(data_dir).resolve()
-        free = [p for p in free_ports(6) if p not in (port, controller_port)]
+        # 8 rather than 6: the two given ports may be among them.
+        free = [p for p in free_ports(8) if p not in (port, controller_port)]
         self.port = port or free[0]
         self.controller_port = controller_port or free[1]
         self.sasl_port, self.ssl_port, self.expired_port, self.sasl_ssl_port = free[2:6]
@@ -336,11 +359,16 @@ class LocalKafka(LocalService):
         self.tls = tls
         self.certificates: BrokerCertificates | None = None
         self.heap = heap
+        self.node_id = node_id
+        self.quorum_voters = quorum_voters or f"{node_id}@127.0.0.1:{self.controller_port}"
+        self.cluster_id = cluster_id
+        self.replicas = replicas
+        self.config = dict(config or {})
         self.properties_path = self.data_dir / "server.properties"
         self.log4j_path = self.data_dir / "log4j2.properties"
         self.broker_log = self.data_dir / "broker.log"
         self.log_dir = self.data_dir / "kraft-logs"
-        self._process = ServiceProcess("kafka", self.data_dir / "broker.out")
+        self._process = ServiceProcess(f"kafka-{node_id}", self.data_dir / "broker.out")
 
     @property
     def bootstrap(self) -> str:
@@ -404,27 +432,31 @@ class LocalKafka(LocalService):
         create_topic(self.bootstrap, name, partitions, config)
 
     def _write_config(self) -> None:
+        replicas, min_isr = str(self.replicas), str(max(1, self.replicas - 1))
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
+            "node.id": str(self.node_id),
             "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
             "inter.broker.listener.name": "PLAINTEXT",
             "controller.listener.names": "CONTROLLER",
-            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "controller.quorum.voters": self.quorum_voters,
             "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
             "log.dirs": str(self.log_dir),
             "num.partitions": "1",
             "auto.create.topics.enable": "true",
             "message.max.bytes": str(MAX_MESSAGE_BYTES),
             "replica.fetch.max.bytes": str(MAX_MESSAGE_BYTES),
-            "offsets.topic.replication.factor": "1",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "offsets.topic.replication.factor": replicas,
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.min.isr": min_isr,
+            "share.coordinator.state.topic.replication.factor": replicas,
+            "share.coordinator.state.topic.min.isr": min_isr,
             "group.initial.rebalance.delay.ms": "0",
         }
+        if self.replicas > 1:
+            props["default.replication.factor"] = replicas
+            props["min.insync.replicas"] = min_isr
         if self.scram_users:
             props["listeners"] += f",SASL://127.0.0.1:{self.sasl_port}"
             props["advertised.listeners"] += f",SASL://127.0.0.1:{self.sasl_port}"
@@ -434,6 +466,7 @@ class LocalKafka(LocalService):
                 "org.apache.kafka.common.security.scram.ScramLoginModule required;")
         if self.tls:
             self._add_tls_listeners(props)
+        props.update(self.config)
         self.properties_path.write_text("".join(f"{key}={value}\n" for key, value in props.items()))
         self.log4j_path.write_text(
             "status = warn\n"
@@ -469,7 +502,7 @@ class LocalKafka(LocalService):
         log.info("formatting KRaft storage in %s", self.log_dir)
         proc = subprocess.run(
             [java, "-Xmx256m", f"-Dlog4j2.configurationFile={self.log4j_path}", "-cp", classpath,
-             "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(self.properties_path),
+             "kafka.tools.StorageTool", "format", "-t", self.cluster_id or _cluster_id(), "-c", str(self.properties_path),
              *(arg for name, password in self.scram_users.items()
                for arg in ("--add-scram", f"SCRAM-SHA-256=[name={name},password={password}]"))],
             capture_output=True, text=True, check=False,
@@ -485,6 +518,168 @@ class LocalKafka(LocalService):
         return ServiceError(f"{message}\n{log_tail(self._process.log_path)}\n{log_tail(self.broker_log)}")
 
 
+# Five partitions, not fifty, for each of __consumer_offsets and __transaction_state: 150 replicas
+# of each across three JVMs slow a two-core machine (measured: the first group and transaction
+# coordinators answer after about 1 s instead of 2.5 s, a restarted node is back in sync after 4 s
+# instead of 5 s), and five still spread the coordinators over the three nodes. Failure detection
+# (broker.session.timeout.ms, replica.lag.time.max.ms, the quorum's timeouts) keeps Kafka's
+# defaults, so that a failover takes as long as it would in production.
+CLUSTER_CONFIG = {"offsets.topic.num.partitions": "5", "transaction.state.log.num.partitions": "5"}
+
+
+class LocalKafkaCluster(LocalService):
+    """Three KRaft nodes, each broker and controller (a :class:`LocalKafka`), on 127.0.0.1, with
+    node ``i`` in ``data_dir/node-i``: replication factor 3 and ``min.insync.replicas`` 2, as in
+    production, so that tests can kill a partition leader, the active controller or a coordinator.
+
+    The quorum is static (``controller.quorum.voters``); ports are fixed for the object's lifetime,
+    so a node killed and started again rejoins with its data at the same address.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str], nodes: int = 3, heap: str = "384m") -> None:
+        self.data_dir = Path(data_dir).resolve()
+        ports = free_ports(2 * nodes)
+        listeners, controllers = ports[:nodes], ports[nodes:]
+        voters = ",".join(f"{i}@127.0.0.1:{port}" for i, port in enumerate(controllers, 1))
+        cluster_id = _cluster_id()
+        self.nodes = {
+            i: LocalKafka(self.data_dir / f"node-{i}", port, controller, heap, node_id=i, quorum_voters=voters,
+                          cluster_id=cluster_id, replicas=nodes, config=CLUSTER_CONFIG)
+            for i, (port, controller) in enumerate(zip(listeners, controllers), 1)
+        }
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(node.bootstrap for node in self.nodes.values())
+
+    @property
+    def running(self) -> bool:
+        """Whether any node runs: with one killed, the cluster is degraded, not stopped."""
+        return any(node.running for node in self.nodes.values())
+
+    def start(self) -> LocalKafkaCluster:
+        """Launch every node; none is ready before a majority of the controllers runs (wait_ready)."""
+        for node in self.nodes.values():
+            node.start()
+        return self
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        """Block until every node answers and the cluster's metadata lists every broker, unfenced."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes.values():
+            node.wait_ready(max(1.0, deadline - time.monotonic()))
+        self._poll(f"all {len(self.nodes)} brokers registered", max(1.0, deadline - time.monotonic()),
+                   lambda admin: True if self._brokers(admin) == set(self.nodes) else None)
+        log.info("kafka cluster ready at %s", self.bootstrap)
+
+    def start_node(self, node_id: int, timeout: float = 90) -> None:
+        """Restart a stopped or killed node (same data dir and ports) and wait until it answers."""
+        node = self.nodes[node_id]
+        node.start()
+        node.wait_ready(timeout)
+
+    def stop(self, timeout: float = 30) -> None:
+        """Orderly shutdown of every node at once (one after the other, the last ones would wait for
+        a controller quorum that has gone)."""
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(lambda node: node.stop(timeout), self.nodes.values()))
+
+    def kill(self, node_id: int | None = None) -> None:
+        """SIGKILL one node (a crashed broker and controller), or every node."""
+        for node in self._selected(node_id):
+            node.kill()
+
+    def freeze(self, node_id: int | None = None) -> None:
+        """SIGSTOP one node (a machine cut off by the network), or every node."""
+        for node in self._selected(node_id):
+            node.freeze()
+
+    def thaw(self, node_id: int | None = None) -> None:
+        for node in self._selected(node_id):
+            node.thaw()
+
+    def create_topic(self, name: str, partitions: int, config: Mapping[str, str] | None = None) -> None:
+        """Replication factor 3; ``min.insync.replicas`` 2 is the brokers' default unless ``config`` says otherwise."""
+        create_topic(self.bootstrap, name, partitions, config, replication_factor=len(self.nodes))
+
+    def leader(self, topic: str, partition: int, timeout: float = 30) -> int:
+        """The id of the node leading the partition, -1 while none does (from the metadata)."""
+        def probe(admin: KafkaAdminClient) -> int | None:
+            (described,) = admin.describe_topics([topic])
+            return next((p["leader_id"] for p in described["partitions"] if p["partition_index"] == partition), None)
+
+        return self._poll(f"metadata of {topic}", timeout, probe)
+
+    def controller(self, timeout: float = 30) -> int:
+        """The id of the active controller: the leader of the KRaft quorum, from DescribeQuorum
+        (which a broker forwards to the active controller). Not the metadata's ``controller_id``:
+        in KRaft a broker reports some live broker there, since clients cannot reach controllers."""
+        def probe(admin: KafkaAdminClient) -> int | None:
+            leader = admin.describe_metadata_quorum()["topics"][0]["partitions"][0]["leader_id"]
+            return leader if leader in self.nodes else None
+
+        return self._poll("a quorum leader", timeout, probe)
+
+    def group_coordinator(self, group_id: str, timeout: float = 30) -> int:
+        """The id of the node coordinating the consumer group (see _coordinator)."""
+        return self._coordinator(group_id, CoordinatorType.GROUP, timeout)
+
+    def transaction_coordinator(self, transactional_id: str, timeout: float = 30) -> int:
+        """The id of the node coordinating the transactional id (see _coordinator)."""
+        return self._coordinator(transactional_id, CoordinatorType.TRANSACTION, timeout)
+
+    def wait_in_sync(self, timeout: float = 120) -> None:
+        """Block until every broker is registered and every partition of every topic, internal ones
+        included, has a leader and its whole replica set in sync: the state a failover test starts from.
+        A node that is not running fails it at once (it could only time out)."""
+        down = [i for i, node in self.nodes.items() if not node.running]
+        if down:
+            raise ServiceError(f"nodes {down} are not running: start_node() them first")
+
+        def probe(admin: KafkaAdminClient) -> bool | None:
+            if self._brokers(admin) != set(self.nodes):
+                return None
+            for topic in admin.describe_topics():
+                for partition in topic["partitions"]:
+                    if partition["leader_id"] < 0 or set(partition["isr_nodes"]) != set(partition["replica_nodes"]):
+                        return None
+            return True
+
+        self._poll("every partition with a leader and all replicas in sync", timeout, probe)
+
+    def _coordinator(self, key: str, key_type: CoordinatorType, timeout: float) -> int:
+        """FindCoordinator, as the clients themselves send it (the broker answers with the leader of
+        the key's partition of __consumer_offsets or __transaction_state, creating that topic if
+        need be), through kafka-python's own request handling: a fresh admin client each time, as
+        it caches coordinators."""
+        return self._poll(f"the coordinator of {key}", timeout,
+                          lambda admin: admin._manager.run(admin._find_coordinator_id, key, key_type))
+
+    @staticmethod
+    def _brokers(admin: KafkaAdminClient) -> set[int]:
+        return {b["broker_id"] for b in admin.describe_cluster()["brokers"] if not b.get("is_fenced")}
+
+    def _poll(self, what: str, timeout: float, probe: Callable[[KafkaAdminClient], T | None]) -> T:
+        """The first answer of ``probe`` that is not None, asking again (with a fresh admin client)
+        through the errors of a cluster that is losing or electing a leader."""
+        deadline = time.monotonic() + timeout
+        error: KafkaError | None = None
+        while True:
+            try:
+                with _admin(self.bootstrap) as admin:
+                    answer = probe(admin)
+                if answer is not None:
+                    return answer
+            except KafkaError as exc:
+                error = exc
+            if time.monotonic() > deadline:
+                raise ServiceError(f"no {what} after {timeout:.0f}s (last error: {error!r})")
+            time.sleep(0.2)
+
+    def _selected(self, node_id: int | None) -> Iterable[LocalKafka]:
+        return self.nodes.values() if node_id is None else [self.nodes[node_id]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devtools.kafka_broker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -495,6 +690,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--port", type=int)
     run.add_argument("--controller-port", type=int)
     run.add_argument("--heap", default="512m")
+    cluster = commands.add_parser("cluster", help="run a three-node cluster in the foreground until SIGINT/SIGTERM")
+    cluster.add_argument("--data-dir", required=True, type=Path)
+    cluster.add_argument("--heap", default="384m")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python's connection chatter
@@ -506,11 +704,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with LocalKafka(args.data_dir, args.port, args.controller_port, args.heap) as broker:
-        print(broker.bootstrap, flush=True)
+    service = (LocalKafka(args.data_dir, args.port, args.controller_port, args.heap) if args.command == "run"
+               else LocalKafkaCluster(args.data_dir, heap=args.heap))
+    with service:
+        print(service.bootstrap, flush=True)
         while not stop.wait(1.0):
-            if not broker.running:
-                log.error("broker exited unexpectedly; see %s", broker.data_dir)
+            if not service.running:
+                log.error("kafka exited unexpectedly; see %s", service.data_dir)
                 return 1
     return 0
 

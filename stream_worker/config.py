@@ -113,7 +113,7 @@ class WorkerConfig:
     poll_timeout_ms: int = 200
     max_batches_in_flight: int = 2
     producer_rebuild_seconds: float = 120.0
-    commit_timeout_seconds: float = 60.0
+    commit_timeout_seconds: float = 20.0
     ready_stall_seconds: float = 120.0
     live_stall_seconds: float = 300.0
 

@@ -1,5 +1,5 @@
-"""Pytest fixtures that run the real local services (Kafka broker, Prometheus, PostgreSQL, a schema
-registry).
+"""Pytest fixtures that run the real local services (a Kafka broker, a three-node Kafka cluster,
+Prometheus, PostgreSQL, a schema registry).
 
 Registered from tests/conftest.py with ``pytest_plugins = ["tests.services"]``.
 
@@ -18,7 +18,7 @@ from typing import NoReturn
 
 import pytest
 
-from devtools.kafka_broker import LocalKafka, create_topic
+from devtools.kafka_broker import LocalKafka, LocalKafkaCluster, create_topic
 from devtools.postgres_server import LocalPostgres
 from devtools.prometheus_server import LocalPrometheus
 from devtools.schema_registry import LocalSchemaRegistry
@@ -76,6 +76,28 @@ def restartable_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loca
         pytest.skip(f"{BOOTSTRAP_ENV} is set: not starting brokers of our own")
     with LocalKafka(tmp_path_factory.mktemp("kafka-private")) as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafkaCluster]:
+    """Three brokers (replication factor 3, min.insync.replicas 2) shared by the session, for
+    failover tests; take healthy_cluster instead, to start with every node up and in sync."""
+    if os.environ.get(BOOTSTRAP_ENV):
+        pytest.skip(f"{BOOTSTRAP_ENV} is set: not starting brokers of our own")
+    with LocalKafkaCluster(tmp_path_factory.mktemp("kafka-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def healthy_cluster(kafka_cluster: LocalKafkaCluster) -> LocalKafkaCluster:
+    """The session's cluster once every node runs (a node an earlier test killed is started again,
+    one it froze thawed) and every partition has all its replicas in sync."""
+    for node_id, node in kafka_cluster.nodes.items():
+        if not node.running:
+            kafka_cluster.start_node(node_id)
+    kafka_cluster.thaw()
+    kafka_cluster.wait_in_sync()
+    return kafka_cluster
 
 
 @pytest.fixture

@@ -74,18 +74,24 @@ def small_worker(bootstrap: str, topics: Topics, weights: Path, log_path: Path, 
                          **{**defaults, **settings})
 
 
-def produce_spectra(bootstrap: str, topic: str, count: int, prefix: str, seed: int = 0) -> list[str]:
-    """Sends ``count`` inline spectra (one per partition key) and returns their ids."""
+def produce_spectra(bootstrap: str, topic: str, count: int, prefix: str, seed: int = 0,
+                    per_second: float | None = None) -> list[str]:
+    """Sends ``count`` inline spectra (one per partition key; ``per_second`` of them a second, or
+    all at once) and returns their ids once the broker acknowledged every one."""
     flux, ivar = synthetic_spectra(min(count, 8), seed=seed)
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20)
-    ids = []
+    ids, sent, started = [], [], time.monotonic()
     for i in range(count):
+        if per_second:
+            time.sleep(max(0.0, started + i / per_second - time.monotonic()))
         spectrum_id = f"{prefix}-{i:05d}"
         spectrum = Spectrum(spectrum_id, flux[i % len(flux)], ivar[i % len(ivar)], source_id=f"2M{i:08d}")
-        producer.send(topic, key=spectrum_id.encode(), value=encode_inline(spectrum))
+        sent.append(producer.send(topic, key=spectrum_id.encode(), value=encode_inline(spectrum)))
         ids.append(spectrum_id)
     producer.flush()
     producer.close()
+    for future in sent:
+        future.get(0)  # raises what the broker refused
     return ids
 
 

@@ -394,7 +394,7 @@ def test_the_checkpoint_reconciles_offsets_after_a_rebalance():
     kept, lost, fresh = TopicPartition("in", 0), TopicPartition("in", 1), TopicPartition("in", 2)
     seeks = []
     consumer = type("Seeking", (), {"seek": lambda self, tp, offset: seeks.append((tp, offset))})()
-    checkpoint = Checkpoint(consumer, FakeProducer(), exactly_once=False)
+    checkpoint = Checkpoint(consumer, FakeProducer(), exactly_once=False, flush_timeout_s=20)
     older = checkpoint.consumed([consumed(b"x", offset=o, topic="in", partition=p) for p, o in ((0, 10), (1, 5))])
     newer = checkpoint.consumed([consumed(b"x", offset=o, topic="in", partition=p) for p, o in ((0, 11), (1, 6))])
     held = [consumed(b"x", offset=12, topic="in", partition=0), consumed(b"x", offset=3, topic="in", partition=2)]

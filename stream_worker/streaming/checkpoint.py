@@ -61,7 +61,7 @@ class BatchOffsets:
 
 
 class Checkpoint:
-    def __init__(self, consumer, producer, exactly_once: bool, flush_timeout_s: float = 60.0) -> None:
+    def __init__(self, consumer, producer, exactly_once: bool, flush_timeout_s: float) -> None:
         """``flush_timeout_s``: how long a commit waits for the batch's acknowledgements (and, at
         least once, for the offset commit) before it fails and the batch is redone."""
         self.consumer = consumer
