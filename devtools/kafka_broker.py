@@ -599,8 +599,21 @@ class LocalKafkaCluster(LocalService):
             node.thaw()
 
     def create_topic(self, name: str, partitions: int, config: Mapping[str, str] | None = None) -> None:
-        """Replication factor 3; ``min.insync.replicas`` 2 is the brokers' default unless ``config`` says otherwise."""
+        """Replication factor 3; ``min.insync.replicas`` 2 is the brokers' default unless ``config``
+        says otherwise. Returns once each node's metadata has every partition with a leader: a
+        group member whose metadata comes from a node that does not know the new topic yet sees
+        its partitions change right after the first assignment, and the rejoin that follows is
+        one kafka-python 3.0.12 may lose."""
         create_topic(self.bootstrap, name, partitions, config, replication_factor=len(self.nodes))
+
+        def known(admin: KafkaAdminClient) -> bool | None:
+            (described,) = admin.describe_topics([name])
+            led = [p for p in described["partitions"] if p["leader_id"] >= 0]
+            return True if len(led) == partitions else None
+
+        for node in self.nodes.values():
+            if node.running:
+                self._poll(f"{name} in the metadata of node {node.node_id}", 30, known, node.bootstrap)
 
     def leader(self, topic: str, partition: int, timeout: float = 30) -> int:
         """The id of the node leading the partition, -1 while none does (from the metadata)."""
@@ -659,14 +672,16 @@ class LocalKafkaCluster(LocalService):
     def _brokers(admin: KafkaAdminClient) -> set[int]:
         return {b["broker_id"] for b in admin.describe_cluster()["brokers"] if not b.get("is_fenced")}
 
-    def _poll(self, what: str, timeout: float, probe: Callable[[KafkaAdminClient], T | None]) -> T:
-        """The first answer of ``probe`` that is not None, asking again (with a fresh admin client)
-        through the errors of a cluster that is losing or electing a leader."""
+    def _poll(self, what: str, timeout: float, probe: Callable[[KafkaAdminClient], T | None],
+              bootstrap: str | None = None) -> T:
+        """The first answer of ``probe`` that is not None, asking again (with a fresh admin client,
+        bootstrapped from ``bootstrap``: by default every node) through the errors of a cluster
+        that is losing or electing a leader."""
         deadline = time.monotonic() + timeout
         error: KafkaError | None = None
         while True:
             try:
-                with _admin(self.bootstrap) as admin:
+                with _admin(bootstrap or self.bootstrap) as admin:
                     answer = probe(admin)
                 if answer is not None:
                     return answer

@@ -78,10 +78,11 @@ def restartable_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loca
         yield broker
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafkaCluster]:
-    """Three brokers (replication factor 3, min.insync.replicas 2) shared by the session, for
-    failover tests; take healthy_cluster instead, to start with every node up and in sync."""
+    """Three brokers (replication factor 3, min.insync.replicas 2) shared by a test module, for
+    failover tests; take healthy_cluster instead, to start with every node up and in sync. Per
+    module, so that three idle JVMs do not take CPU from the timing-sensitive tests after them."""
     if os.environ.get(BOOTSTRAP_ENV):
         pytest.skip(f"{BOOTSTRAP_ENV} is set: not starting brokers of our own")
     with LocalKafkaCluster(tmp_path_factory.mktemp("kafka-cluster")) as cluster:

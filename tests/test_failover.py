@@ -14,8 +14,11 @@ from tests.streaming import small_weights
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STALL_BOUND_S = {"at_least_once": 40.0, "exactly_once": 40.0}
-"""The longest time without a new result from the kill on, with the node back after 12 s."""
+STALL_BOUND_S = {"at_least_once": 30.0, "exactly_once": 60.0}
+"""The longest time without a new result from the kill on, with the node back after 12 s:
+at-least-once waits for the cluster's own failover (measured 8–14 s); exactly-once, after the
+loss of its transaction coordinator, for one or two commit timeouts (worker.commit_timeout_seconds,
+20 s: measured 22–44 s; BENCHMARKS.md)."""
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -86,6 +86,19 @@ def test_a_worker_whose_batches_keep_failing_turns_unready_then_not_live_and_rec
     assert worker.ready() == (True, "ready") and worker.live() == (True, "ok")
 
 
+def test_a_group_join_that_never_completes_fails_liveness():
+    """kafka-python 3.0.12 can lose a join: the member then waits for partitions forever, with no
+    lag of its own to show it stalled."""
+    worker = worker_with(FakeConsumer(messages(4)), SlowPipeline(0.01))
+    worker._began_join()
+    assert worker.live() == (True, "ok")
+    worker.rebalance_began -= 301
+    ok, why = worker.live()
+    assert not ok and why == "group join incomplete for 301 s (worker.live_stall_seconds = 300 s)"
+    worker.on_assigned([])
+    assert worker.live() == (True, "ok")
+
+
 def test_a_worker_replacing_its_producer_is_not_ready():
     worker = worker_with(FakeConsumer(messages(4)), SlowPipeline(0.01))
     worker.checkpoint.unusable = "aborting the transaction failed: KafkaError: error state"

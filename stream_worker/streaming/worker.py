@@ -149,9 +149,17 @@ class Worker:
 
     def live(self) -> tuple[bool, str]:
         """/healthz: fails once work has waited ``worker.live_stall_seconds`` without a committed
-        batch, so that Kubernetes restarts a worker wedged in a way it cannot heal itself."""
-        stalled = self.progress.stalled(self.config.worker.live_stall_seconds, "worker.live_stall_seconds")
-        return (False, stalled) if stalled else (True, "ok")
+        batch, or a group join has lasted that long (kafka-python 3.0.12 can lose one, and the
+        member then never gets partitions again), so that Kubernetes restarts a worker wedged in a
+        way it cannot heal itself."""
+        bound = self.config.worker.live_stall_seconds
+        stalled = self.progress.stalled(bound, "worker.live_stall_seconds")
+        if stalled:
+            return False, stalled
+        joining_for = time.monotonic() - self.rebalance_began
+        if self.rebalancing and joining_for > bound:
+            return False, f"group join incomplete for {joining_for:.0f} s (worker.live_stall_seconds = {bound:g} s)"
+        return True, "ok"
 
     def request_stop(self, *_signal_args) -> None:
         """SIGTERM/SIGINT: stop fetching; finish, publish and commit every batch in flight (and the
