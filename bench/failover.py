@@ -179,7 +179,7 @@ def run(cluster: LocalKafkaCluster, work_dir: Path, weights: Path, delivery: str
         dead_letters = len(consume(cluster.bootstrap, topics.dead_letter, 0, timeout=10, settle=2))
         worker_exit = worker.process.poll()
         if worker_exit is None:
-            worker.terminate()
+            worker.terminate(timeout=150)  # a drain may wait out a commit timeout and the grace period
         return Outcome(delivery, target, roles, len(ids), sum(results.values()), len(set(ids) - set(results)),
                        sum(results.values()) - len(results), dead_letters, arrivals.stall_after(killed), back_s,
                        probes.transitions, worker_exit, settings)

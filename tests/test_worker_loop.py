@@ -85,6 +85,7 @@ class FakeConsumer:
         self.commit_seconds = commit_seconds
         self.committed_at: float | None = None
         self.member_state = MemberState.STABLE  # what group_metadata() reports (cooperative joins)
+        self.group_offsets: dict = {}
 
     def unread(self) -> int:
         return sum(len(self.log[tp]) - position for tp, position in self.positions.items())
@@ -129,6 +130,16 @@ class FakeConsumer:
 
     def position(self, partition, timeout_ms=None):
         return None
+
+    def committed(self, partition, timeout_ms=None):
+        """What the group has committed (``group_offsets``, set by a test), as the broker would say."""
+        return self.group_offsets.get(partition)
+
+    def unsubscribe(self) -> None:
+        self.events.append(("unsubscribe",))
+
+    def subscribe(self, topics, listener=None) -> None:
+        self.events.append(("subscribe", tuple(topics)))
 
     def commit(self, offsets, timeout_ms=None) -> None:
         time.sleep(self.commit_seconds)
@@ -356,6 +367,28 @@ def test_a_rebalance_that_never_completes_does_not_hold_the_batch_forever(monkey
     assert finished.wait(10), "the worker waited for the rebalance beyond kafka.session_timeout_ms"
 
 
+def test_a_join_lost_by_the_client_is_begun_again(monkeypatch):
+    """kafka-python can lose a join: the member then waits for an assignment forever. Twice
+    kafka.session_timeout_ms after it began, the worker leaves the group and subscribes again, and
+    takes the new assignment."""
+    monkeypatch.setattr(worker_module, "BUSY_POLL_INTERVAL_S", 0.01)
+
+    def on_poll(consumer):
+        if not worker.rebalancing and worker.rebalance_began == 0.0:
+            worker.on_revoked({PARTITION})  # a join begins, and its answer never comes...
+        elif ("subscribe", ("apogee.spectra",)) in consumer.events and worker.rebalancing:
+            worker.on_assigned({PARTITION})  # ... until the worker joins again
+
+    consumer = FakeConsumer(messages(4), on_poll=on_poll)
+    worker = worker_with(consumer, SlowPipeline(0.01), worker__poll_timeout_ms=20, kafka__session_timeout_ms=300,
+                         kafka__max_poll_interval_ms=600)
+    run_until(worker, lambda: ("subscribe", ("apogee.spectra",)) in consumer.events and not worker.rebalancing,
+              timeout=5)
+    assert consumer.events.index(("unsubscribe",)) < consumer.events.index(("subscribe", ("apogee.spectra",)))
+    assert worker.assigned == {PARTITION}
+    run_until(worker, committed(consumer, 4))
+
+
 def test_a_stop_request_drains_every_batch_in_flight_and_the_messages_in_hand():
     consumer = FakeConsumer(messages(10))
     worker = worker_with(consumer, SlowPipeline(0.1), worker__max_batches_in_flight=2)
@@ -454,6 +487,33 @@ def test_a_producer_left_unable_to_end_a_transaction_is_replaced_and_the_batch_r
     assert worker.metrics.producer_replacements._value.get() == 1
 
 
+def test_a_transaction_that_committed_although_its_end_failed_is_not_redone(monkeypatch):
+    """The transaction's end reached the coordinator but its answer was lost: the batch is
+    committed. After the replacement the worker resumes from the group's committed offsets, not
+    from its own record, so the batch is not published a second time."""
+    monkeypatch.setattr(worker_module, "RETRY_BACKOFF_SECONDS", 0.0)
+    consumer = FakeConsumer(messages(8))
+
+    class CommittedThenWedged(TransactionalProducer):
+        def commit_transaction(self) -> None:
+            consumer.group_offsets.update(self.offsets)  # it did commit...
+            super().commit_transaction()  # ... but the client saw a timeout, and then its error state
+
+    replacements = []
+
+    def new_producer():
+        replacements.append(TransactionalProducer())
+        return replacements[-1]
+
+    worker = worker_with(consumer, SlowPipeline(0.01), producer=CommittedThenWedged(wedged=True),
+                         kafka__delivery="exactly_once", worker__max_batches_in_flight=1)
+    worker.new_producer = new_producer
+    run_until(worker, lambda: replacements and replacements[0].committed[-1:] == [{PARTITION: 8}])
+    assert (PARTITION, 4) in consumer.seeks
+    assert [c[PARTITION] for c in replacements[0].committed] == [8]  # only the second batch
+    assert len(replacements[0].sent) == 4
+
+
 def test_without_a_way_to_replace_the_producer_the_worker_exits_non_zero(monkeypatch):
     monkeypatch.setattr(worker_module, "RETRY_BACKOFF_SECONDS", 0.0)
     worker = worker_with(FakeConsumer(messages(4)), SlowPipeline(0.01), producer=TransactionalProducer(wedged=True),
@@ -477,5 +537,5 @@ def test_a_producer_that_cannot_be_replaced_in_time_ends_the_worker(monkeypatch)
     worker = worker_with(FakeConsumer(messages(4)), SlowPipeline(0.01), producer=TransactionalProducer(wedged=True),
                          kafka__delivery="exactly_once", worker__producer_rebuild_seconds=1)
     worker.new_producer = broker_gone
-    with pytest.raises(ProducerUnusable, match="aborting the transaction failed.*no new producer within 1 s"):
+    with pytest.raises(ProducerUnusable, match="aborting the transaction failed.*making a new producer failed for 1 s"):
         run_until(worker, lambda: False, timeout=5)

@@ -126,6 +126,7 @@ class Worker:
         self.cooperative = config.kafka.rebalance_protocol == "cooperative"
         self.rebalancing = False  # a group join is under way (eager: partitions revoked, not yet reassigned)
         self.rebalance_began, self.rebalance_warned = 0.0, False
+        self.joining_since = 0.0  # when the join under way began, however often it was begun again
         self.broker_problem = broker_problem
         self.last_lag_refresh = 0.0
         self.lag: dict[TopicPartition, int] = {}  # as last read, of the partitions owned
@@ -156,7 +157,7 @@ class Worker:
         stalled = self.progress.stalled(bound, "worker.live_stall_seconds")
         if stalled:
             return False, stalled
-        joining_for = time.monotonic() - self.rebalance_began
+        joining_for = time.monotonic() - self.joining_since
         if self.rebalancing and joining_for > bound:
             return False, f"group join incomplete for {joining_for:.0f} s (worker.live_stall_seconds = {bound:g} s)"
         return True, "ok"
@@ -255,6 +256,8 @@ class Worker:
             # broker may hold a join for seconds while the other members rejoin)
             polled.append(self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records))
             self._note_join()
+        if self.rebalancing and time.monotonic() > self.rebalance_began + 2 * self.config.kafka.session_timeout_ms / 1000:
+            self._rejoin()
         self.last_poll = time.monotonic()
         for batch in polled:
             for messages in batch.values():
@@ -388,8 +391,9 @@ class Worker:
         """kafka-python leaves a transactional producer that could not end a transaction (a
         coordinator lost mid-commit) in an error state for good: every later batch would fail
         while the process looks healthy. A new producer with the same transactional id fences the
-        old one and aborts what it left open; the rewound batches are then done again. If none can
-        be made within ``worker.producer_rebuild_seconds``, ProducerUnusable ends the worker."""
+        old one and settles what it left open; the batches not committed are then done again. If
+        that cannot be done within ``worker.producer_rebuild_seconds``, ProducerUnusable ends the
+        worker."""
         reason = self.checkpoint.unusable
         if self.new_producer is None:
             raise ProducerUnusable(reason)
@@ -399,22 +403,35 @@ class Worker:
         except Exception as exc:
             log.warning("closing the old producer failed: %s: %s", type(exc).__name__, exc)
         deadline = time.monotonic() + self.config.worker.producer_rebuild_seconds
+        self.checkpoint.replace_producer(self._retry_until(deadline, reason, "making a new producer", self.new_producer))
+        self.metrics.producer_replacements.inc()
+        self._retry_until(deadline, reason, "reading the committed offsets", self._seek_to_committed)
+        log.info("a new transactional producer took over; the batches in flight are done again")
+
+    def _seek_to_committed(self) -> None:
+        """The transaction that failed may have been committed after all (its end reached the
+        coordinator, the answer did not come back); the new producer's initialisation settled it
+        one way or the other. So every partition resumes from the offsets the group has committed,
+        not from the worker's own record, which would publish a committed batch twice."""
+        for tp in self.consumer.assignment():
+            offset = self.consumer.committed(tp, timeout_ms=self.config.kafka.request_timeout_ms)
+            if offset is not None:
+                self.consumer.seek(tp, offset)
+
+    def _retry_until(self, deadline: float, reason: str, what: str, action: Callable[[], object]):
+        """``action()``, again after each failure until ``deadline`` (then ProducerUnusable)."""
         while True:
             try:
-                producer = self.new_producer()
-                break
+                return action()
             except ProducerFencedError:
                 raise
             except Exception as exc:
                 if time.monotonic() > deadline or self._past_stop_deadline():
-                    raise ProducerUnusable(f"{reason}; no new producer within "
+                    raise ProducerUnusable(f"{reason}; {what} failed for "
                                            f"{self.config.worker.producer_rebuild_seconds:.0f} s: "
                                            f"{type(exc).__name__}: {exc}") from exc
-                log.error("making a new producer failed (%s: %s); trying again", type(exc).__name__, exc)
+                log.error("%s failed (%s: %s); trying again", what, type(exc).__name__, exc)
                 time.sleep(RETRY_BACKOFF_SECONDS)
-        self.checkpoint.replace_producer(producer)
-        self.metrics.producer_replacements.inc()
-        log.info("a new transactional producer took over; the batches in flight are done again")
 
     def _rewind(self) -> None:
         """Abandons every batch in flight and the messages in hand; the consumer goes back to the
@@ -488,8 +505,24 @@ class Worker:
                 self.rebalancing = False
 
     def _began_join(self) -> None:
-        self.rebalance_began, self.rebalance_warned = time.monotonic(), False
+        """A join begins (again, after :meth:`_rejoin`: ``joining_since`` keeps the first one's time)."""
+        now = time.monotonic()
+        if not self.rebalancing:
+            self.joining_since = now
+        self.rebalance_began, self.rebalance_warned = now, False
         self.rebalancing = True
+
+    def _rejoin(self) -> None:
+        """A join kafka-python lost never completes (the member waits for an assignment that never
+        comes, and the group has evicted it long ago), so twice ``kafka.session_timeout_ms`` after
+        it began the worker leaves the group and subscribes again, which begins a new join; what
+        it still held is dropped, as in any rebalance."""
+        log.warning("group join incomplete after twice kafka.session_timeout_ms: leaving and joining the group again")
+        self.consumer.unsubscribe()
+        self.consumer.subscribe(self.config.kafka.input_topics, listener=Rebalance(self))
+        self.assigned = set()
+        self.rebalanced.set()
+        self._began_join()
 
     def _rebalance_overdue(self) -> bool:
         """A join kafka-python lost never completes; by ``kafka.session_timeout_ms`` after the
