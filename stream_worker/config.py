@@ -53,6 +53,7 @@ class KafkaConfig:
     transaction_timeout_ms: int = 60_000
     compression_type: str | None = "gzip"
     max_request_size: int = 4_194_304
+    producer_batch_bytes: int = 131_072
     fetch_max_bytes: int = 52_428_800
     max_partition_fetch_bytes: int = 4_194_304
     security_protocol: str = "PLAINTEXT"
@@ -179,7 +180,7 @@ CHOICES = {
 }
 POSITIVE = {
     "kafka.session_timeout_ms", "kafka.max_poll_interval_ms", "kafka.request_timeout_ms", "kafka.transaction_timeout_ms",
-    "kafka.max_request_size", "kafka.fetch_max_bytes", "kafka.max_partition_fetch_bytes",
+    "kafka.max_request_size", "kafka.producer_batch_bytes", "kafka.fetch_max_bytes", "kafka.max_partition_fetch_bytes",
     "batching.max_spectra", "batching.max_wait_seconds", "engine.batch_size", "engine.chunk_spectra",
     "engine.num_threads", "inputs.max_message_bytes", "worker.shutdown_grace_seconds", "worker.poll_timeout_ms",
     "worker.max_batches_in_flight", "worker.producer_rebuild_seconds",
@@ -290,6 +291,8 @@ def _check(config: Config) -> Config:
         raise ConfigError("worker.live_stall_seconds: must exceed worker.ready_stall_seconds, "
                           "worker.commit_timeout_seconds and worker.producer_rebuild_seconds (liveness must not "
                           "restart a worker that is still waiting out a commit or replacing its producer)")
+    if config.kafka.producer_batch_bytes > config.kafka.max_request_size:
+        raise ConfigError("kafka.producer_batch_bytes: must not exceed kafka.max_request_size")
     if config.kafka.max_poll_interval_ms <= config.kafka.session_timeout_ms:
         raise ConfigError("kafka.max_poll_interval_ms: must exceed kafka.session_timeout_ms")
     if config.inputs.max_message_bytes + 65_536 > config.kafka.max_request_size:

@@ -103,3 +103,8 @@ def test_tls_and_sasl_settings_reach_the_kafka_clients(tmp_path, monkeypatch):
         "sasl_plain_password": "pw",
     }
     assert security_options(load_config(None, environ={})) == {"security_protocol": "PLAINTEXT"}
+
+
+def test_a_producer_batch_larger_than_a_request_is_refused():
+    with pytest.raises(ConfigError, match="^kafka.producer_batch_bytes: must not exceed kafka.max_request_size"):
+        load_config(None, {"STREAM_WORKER__KAFKA__PRODUCER_BATCH_BYTES": "8388608"})

@@ -82,6 +82,7 @@ def make_producer(config: Config) -> KafkaProducer:
         enable_idempotence=True,
         compression_type=kafka.compression_type,
         max_request_size=kafka.max_request_size,
+        batch_size=kafka.producer_batch_bytes,
         request_timeout_ms=kafka.request_timeout_ms,
         linger_ms=5,
         **security_options(config),
