@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import subprocess
 import tempfile
 import threading
 import time
@@ -91,10 +92,13 @@ class Arrivals(threading.Thread):
         self.done.set()
         self.join(10)
 
-    def stall_after(self, moment: float) -> float:
-        """The longest time without a new result from ``moment`` to the last result."""
-        times = [moment] + sorted(t for t, _ in self.seen if t > moment)
-        return max(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else float("inf")
+
+
+def longest_gap(arrivals: list[float], moment: float) -> float:
+    """The stall: the longest time without a new result from ``moment`` to the last result
+    (infinite when none came after it)."""
+    times = [moment] + sorted(t for t in arrivals if t > moment)
+    return max(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else float("inf")
 
 
 class ProbeWatch(threading.Thread):
@@ -179,9 +183,12 @@ def run(cluster: LocalKafkaCluster, work_dir: Path, weights: Path, delivery: str
         dead_letters = len(consume(cluster.bootstrap, topics.dead_letter, 0, timeout=10, settle=2))
         worker_exit = worker.process.poll()
         if worker_exit is None:
-            worker.terminate(timeout=150)  # a drain may wait out a commit timeout and the grace period
+            try:
+                worker.terminate(timeout=120)  # a drain may wait out a commit timeout and the grace period
+            except subprocess.TimeoutExpired:
+                probes.transitions.append("no exit 120 s after SIGTERM (killed)")
         return Outcome(delivery, target, roles, len(ids), sum(results.values()), len(set(ids) - set(results)),
-                       sum(results.values()) - len(results), dead_letters, arrivals.stall_after(killed), back_s,
+                       sum(results.values()) - len(results), dead_letters, longest_gap([t for t, _ in arrivals.seen], killed), back_s,
                        probes.transitions, worker_exit, settings)
     finally:
         worker.close()

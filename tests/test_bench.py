@@ -156,3 +156,18 @@ def test_the_operations_section_puts_the_replay_beside_the_worker_of_the_same_ro
     assert "| live worker, 2000-message backlog | 660–681 |" in text
     assert "| `stream-worker replay` of the same backlog | 650 | 5.4 s (370 spectra/s with start-up) |" in text
     assert "results from the live worker: 0.8–1.1 s" in text
+
+
+def test_the_failover_stall_is_the_longest_gap_in_results_from_the_kill_on():
+    from bench.failover import Outcome, longest_gap, section
+
+    assert longest_gap([1.0, 2.0, 10.5, 11.0, 30.0], moment=10.0) == 19.0  # 11 -> 30, not 2 -> 10.5
+    assert longest_gap([12.0, 13.0], moment=10.0) == 2.0  # the kill to the first result counts
+    assert longest_gap([1.0], moment=10.0) == float("inf")
+    runs = [Outcome("exactly_once", "coordinator", ["node 2", "transaction coordinator"], 400, 400, 0, 0, 0, stall,
+                    15.0, [], None, settings)
+            for stall, settings in ((23.4, {}), (43.3, {}), (65.6, {"worker__commit_timeout_seconds": 60}))]
+    text = section(runs, rounds=2, spectra=400, rate=20, down_s=15)
+    assert "| exactly_once | coordinator | 23.4–43.3 |" in text
+    assert "| exactly_once, worker.commit_timeout_seconds 60 | coordinator | 65.6 |" in text
+    assert "| exactly_once | coordinator (node 2, transaction coordinator) | 400 | 400 | 0 | 0 | 0 | 23.4 | always 200 |" in text

@@ -539,3 +539,45 @@ def test_a_producer_that_cannot_be_replaced_in_time_ends_the_worker(monkeypatch)
     worker.new_producer = broker_gone
     with pytest.raises(ProducerUnusable, match="aborting the transaction failed.*making a new producer failed for 1 s"):
         run_until(worker, lambda: False, timeout=5)
+
+
+def test_a_transaction_end_the_coordinator_never_answers_fails_the_batch_in_bounded_time():
+    """kafka-python's commit_transaction() waits for the coordinator without a bound; the worker
+    waits worker.commit_timeout_seconds, then the batch fails, and the producer, which can no
+    longer abort, is marked for replacement."""
+    from kafka.errors import KafkaTimeoutError
+    from kafka.producer.transaction_manager import TransactionalRequestResult
+
+    class Unanswered:
+        """kafka-python's transaction manager with a coordinator that never answers."""
+
+        def __init__(self) -> None:
+            self.committing = False
+
+        def send_offsets_to_transaction(self, offsets, group_metadata):
+            answered = TransactionalRequestResult()
+            answered.done()
+            return answered
+
+        def begin_commit(self):
+            self.committing = True
+            return TransactionalRequestResult()  # never done
+
+        def begin_abort(self):
+            if self.committing:
+                raise KafkaError("TransactionalState: invalid transition from COMMITTING_TRANSACTION")
+            return TransactionalRequestResult()
+
+    producer = TransactionalProducer()
+    producer._transaction_manager = Unanswered()
+    producer._sender = type("Sender", (), {"wakeup": lambda self: None})()
+    consumer = FakeConsumer(messages(4))
+    checkpoint = Checkpoint(consumer, producer, exactly_once=True, flush_timeout_s=0.2)
+    batch = checkpoint.consumed(messages(4))
+    sent = checkpoint.publish([Outgoing("out", b"k", b"r", [])])
+    started = time.monotonic()
+    with pytest.raises(KafkaTimeoutError, match="commit_transaction: no answer from the transaction coordinator"):
+        checkpoint.commit(batch, sent)
+    assert time.monotonic() - started < 2
+    checkpoint.rewind()
+    assert checkpoint.unusable and "aborting the transaction failed" in checkpoint.unusable

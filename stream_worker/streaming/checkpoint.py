@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kafka.errors import ProducerFencedError
+from kafka.errors import KafkaTimeoutError, ProducerFencedError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from stream_worker.streaming.outgoing import send
@@ -120,13 +120,30 @@ class Checkpoint:
             if not self.in_transaction:  # a batch without anything to publish
                 self._begin_transaction()
             if offsets:
-                self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
-            self.producer.commit_transaction()
+                self._transactional("send_offsets_to_transaction", offsets, self.consumer.group_metadata())
+            self._transactional("commit_transaction")
             self.in_transaction = False
         elif offsets:
             self.consumer.commit(offsets, timeout_ms=int(self.flush_timeout_s * 1000))
         log.debug("committed %s", {f"{tp.topic}[{tp.partition}]": o for tp, o in batch.next.items()})
         self.open.popleft()
+
+    def _transactional(self, call: str, *args) -> None:
+        """``producer.<call>(*args)``, a transactional request to the coordinator, waiting at most
+        ``flush_timeout_s`` for its answer. kafka-python's own methods wait without a bound, and a
+        producer that lost its coordinator in a failover may never get one: a worker sat blocked
+        in one for over five minutes, neither polling nor committing. A time-out then fails the
+        batch like any other failure (the abort that follows cannot succeed, so the producer is
+        replaced). A producer without kafka-python's transaction manager (a test's) is called as is."""
+        manager = getattr(self.producer, "_transaction_manager", None)
+        if manager is None:
+            getattr(self.producer, call)(*args)
+            return
+        begin = {"commit_transaction": "begin_commit", "abort_transaction": "begin_abort"}.get(call, call)
+        result = getattr(manager, begin)(*args)
+        self.producer._sender.wakeup()
+        if not result.wait(timeout_ms=int(self.flush_timeout_s * 1000)):
+            raise KafkaTimeoutError(f"{call}: no answer from the transaction coordinator within {self.flush_timeout_s:g} s")
 
     def _begin_transaction(self) -> None:
         try:
@@ -163,7 +180,7 @@ class Checkpoint:
         message, so the same messages are consumed again."""
         if self.exactly_once and self.in_transaction:
             try:
-                self.producer.abort_transaction()
+                self._transactional("abort_transaction")
             except ProducerFencedError:
                 raise
             except Exception as exc:
