@@ -124,27 +124,20 @@ class ProbeWatch(threading.Thread):
                     self.transitions.append(f"{path[1:]} {status} at {time.monotonic() - self.origin:+.0f} s{detail}")
 
 
-def target_node(cluster: LocalKafkaCluster, target: str, topics: Topics, delivery: str, transactional_id: str) -> int:
-    if target == "leader":
-        return cluster.leader(topics.input, 0)
-    if target == "controller":
-        return cluster.controller()
+def roles(cluster: LocalKafkaCluster, topics: Topics, delivery: str, transactional_id: str) -> dict[str, int]:
+    """The node of each role a failover can hit: the leader of input partition 0, the active
+    controller, and the coordinators the worker uses."""
+    found = {"input leader": cluster.leader(topics.input, 0), "controller": cluster.controller(),
+             "group coordinator": cluster.group_coordinator(topics.group)}
     if delivery == "exactly_once":
-        return cluster.transaction_coordinator(transactional_id)
-    return cluster.group_coordinator(topics.group)
+        found["transaction coordinator"] = cluster.transaction_coordinator(transactional_id)
+    return found
 
 
-def roles_of(cluster: LocalKafkaCluster, node: int, topics: Topics, delivery: str, transactional_id: str) -> list[str]:
-    roles = [f"node {node}"]
-    if cluster.leader(topics.input, 0) == node:
-        roles.append("input leader")
-    if cluster.controller() == node:
-        roles.append("controller")
-    if cluster.group_coordinator(topics.group) == node:
-        roles.append("group coordinator")
-    if delivery == "exactly_once" and cluster.transaction_coordinator(transactional_id) == node:
-        roles.append("transaction coordinator")
-    return roles
+def target_role(target: str, delivery: str) -> str:
+    if target == "coordinator":
+        return "transaction coordinator" if delivery == "exactly_once" else "group coordinator"
+    return {"leader": "input leader", "controller": "controller"}[target]
 
 
 def run(cluster: LocalKafkaCluster, work_dir: Path, weights: Path, delivery: str, target: str, spectra: int = 300,
@@ -166,8 +159,9 @@ def run(cluster: LocalKafkaCluster, work_dir: Path, weights: Path, delivery: str
             producing = pool.submit(produce_spectra, cluster.bootstrap, topics.input, spectra,
                                     f"fo-{uuid.uuid4().hex[:6]}", per_second=rate)
             time.sleep(kill_after_s)
-            node = target_node(cluster, target, topics, delivery, transactional_id)
-            roles = roles_of(cluster, node, topics, delivery, transactional_id)
+            found = roles(cluster, topics, delivery, transactional_id)
+            node = found[target_role(target, delivery)]
+            held = [f"node {node}", *(role for role, holder in found.items() if holder == node)]
             killed = time.monotonic()
             probes = ProbeWatch(worker, killed)
             probes.start()
@@ -187,7 +181,7 @@ def run(cluster: LocalKafkaCluster, work_dir: Path, weights: Path, delivery: str
                 worker.terminate(timeout=120)  # a drain may wait out a commit timeout and the grace period
             except subprocess.TimeoutExpired:
                 probes.transitions.append("no exit 120 s after SIGTERM (killed)")
-        return Outcome(delivery, target, roles, len(ids), sum(results.values()), len(set(ids) - set(results)),
+        return Outcome(delivery, target, held, len(ids), sum(results.values()), len(set(ids) - set(results)),
                        sum(results.values()) - len(results), dead_letters, longest_gap([t for t, _ in arrivals.seen], killed), back_s,
                        probes.transitions, worker_exit, settings)
     finally:

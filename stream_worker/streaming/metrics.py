@@ -70,7 +70,7 @@ class Metrics:
         self.stalled = Gauge(
             "stream_worker_stalled_seconds", "Seconds since the last committed batch while messages wait "
             "(in flight or lag); 0 when none wait. /readyz and /healthz fail past their bounds", registry=r)
-        self.ready = Gauge("stream_worker_ready", "1 when the worker is ready (model loaded, partitions, broker)",
+        self.ready = Gauge("stream_worker_ready", "1 when the worker is ready (/readyz: model loaded, partitions, broker, producer, progress)",
                            registry=r)
         self.model_info = Gauge(
             "stream_worker_model_info", "The model in use (value 1)",

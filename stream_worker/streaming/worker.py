@@ -180,7 +180,7 @@ class Worker:
             # assigns nothing, and the rejoin that follows can stall the group.
             if not self.consumer.partitions_for_topic(topic):
                 log.warning("input topic %s does not exist (yet); waiting for it to appear", topic)
-        self.consumer.subscribe(self.config.kafka.input_topics, listener=Rebalance(self))
+        self._subscribe()
         log.info("consuming %s as group %s (%s, up to %d batches in flight)", self.config.kafka.input_topics,
                  self.config.kafka.group_id, self.config.kafka.delivery, self.max_in_flight)
         self.metrics.ready.set_function(lambda: int(self.ready()[0]))
@@ -256,7 +256,7 @@ class Worker:
             # broker may hold a join for seconds while the other members rejoin)
             polled.append(self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records))
             self._note_join()
-        if self.rebalancing and time.monotonic() > self.rebalance_began + 2 * self.config.kafka.session_timeout_ms / 1000:
+        if self._join_lost():
             self._rejoin()
         self.last_poll = time.monotonic()
         for batch in polled:
@@ -519,10 +519,17 @@ class Worker:
         it still held is dropped, as in any rebalance."""
         log.warning("group join incomplete after twice kafka.session_timeout_ms: leaving and joining the group again")
         self.consumer.unsubscribe()
-        self.consumer.subscribe(self.config.kafka.input_topics, listener=Rebalance(self))
+        self._subscribe()
         self.assigned = set()
         self.rebalanced.set()
         self._began_join()
+
+    def _subscribe(self) -> None:
+        self.consumer.subscribe(self.config.kafka.input_topics, listener=Rebalance(self))
+
+    def _join_lost(self) -> bool:
+        """The join under way has lasted twice ``kafka.session_timeout_ms``: begin it again (:meth:`_rejoin`)."""
+        return self.rebalancing and time.monotonic() > self.rebalance_began + 2 * self.config.kafka.session_timeout_ms / 1000
 
     def _rebalance_overdue(self) -> bool:
         """A join kafka-python lost never completes; by ``kafka.session_timeout_ms`` after the
