@@ -1,6 +1,16 @@
 """APOGEENet III stellar parameters for APOGEE spectra, online (Kafka) and offline (apStar files)."""
 
+import os
 from importlib.metadata import PackageNotFoundError, version
+
+# libgomp's idle threads spin 300,000 times after each parallel region before sleeping. Between a
+# worker's small host-side operations that burned a core (0.25 of 1.2 CPU ms per spectrum in
+# bench.pipelining's host-cost rows) while 10,000 spins cost the CPU engine nothing measurable
+# (PASSIVE, no spinning, cost it 20%). libgomp reads this once, when torch loads it, so it takes
+# effect wherever stream_worker is imported first (the worker, the CLI). Either variable in the
+# environment wins (a GOMP_SPINCOUNT would override OMP_WAIT_POLICY's spinning, so neither is set).
+if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "10000"
 
 try:
     __version__ = version("stream-worker")

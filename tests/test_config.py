@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +111,16 @@ def test_tls_and_sasl_settings_reach_the_kafka_clients(tmp_path, monkeypatch):
 def test_a_producer_batch_larger_than_a_request_is_refused():
     with pytest.raises(ConfigError, match="^kafka.producer_batch_bytes: must not exceed kafka.max_request_size"):
         load_config(None, {"STREAM_WORKER__KAFKA__PRODUCER_BATCH_BYTES": "8388608"})
+
+
+@pytest.mark.parametrize("environment, spin_count", [
+    ({}, "10000"),  # libgomp's 300,000 spins burned a core between the worker's small operations
+    ({"GOMP_SPINCOUNT": "77"}, "77"),
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, None),  # a spin count would override passive waiting's
+])
+def test_openmp_spinning_is_bounded_unless_the_environment_says_otherwise(environment, spin_count):
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    shown = subprocess.run([sys.executable, "-c", "import os, stream_worker; print(os.environ.get('GOMP_SPINCOUNT'))"],
+                           env={**clean, **environment}, capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    assert shown == str(spin_count)

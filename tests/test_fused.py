@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from stream_worker.engine.kernels import FusedApogeeNet, SpectralConv
+from stream_worker.engine.kernels import FusedApogeeNet, SpectralConv, pairwise_max
 from stream_worker.engine.network import ApogeeNet
 from stream_worker.engine.precision import NetworkForm, precision_mode
 from stream_worker.engine.weights import random_model
@@ -130,3 +130,12 @@ def test_unknown_precision_and_forms_are_refused():
     model = ApogeeNet(channels=(4, 8), pooled_length=4, linear_width=4, linear_layers=1)
     with pytest.raises(ValueError, match="the form has 4 convolutions, the network 2"):
         FusedApogeeNet(model, NetworkForm(("direct-f32",) * 4))
+
+
+@pytest.mark.parametrize("length", [8575, 8574, 3])
+def test_pairwise_max_is_max_pooling_by_two(length):
+    x = torch.randn(3, 4, 1, length).contiguous(memory_format=torch.channels_last)
+    x[0, 1, 0, :4] = torch.tensor([float("nan"), 1.0, -2.0, float("nan")])[:length]
+    expected = torch.nn.functional.max_pool2d(x, (1, 2))
+    assert torch.equal(pairwise_max(x).isnan(), expected.isnan())
+    assert torch.equal(pairwise_max(x).nan_to_num(), expected.nan_to_num())

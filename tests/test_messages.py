@@ -31,7 +31,7 @@ from stream_worker.io.wire import (
     encode_inline,
     encode_reference,
 )
-from stream_worker.streaming.batch import Pipeline
+from stream_worker.streaming.batch import Pipeline, stacked_rows
 from tests.helpers import DATA, DWARF_FILE, GIANT_FILE, Explodes, consumed, small_model, synthetic_spectra
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "messages.md"
@@ -175,6 +175,14 @@ def test_float64_round_trip(spectrum):
     decoded = decode_input(value)
     assert decoded.flux.dtype == np.float64
     np.testing.assert_array_equal(decoded.flux.astype(np.float32), spectrum.flux)
+
+
+def test_inline_arrays_are_views_of_the_message_not_copies(spectrum):
+    value = encode_inline(spectrum)
+    decoded = decode_input(value)
+    message = np.frombuffer(value, np.uint8)
+    for array in (decoded.flux, decoded.ivar):
+        assert np.shares_memory(array, message) and not array.flags.writeable
 
 
 def test_float64_values_keep_their_precision():
@@ -427,6 +435,30 @@ def test_records_of_a_redelivered_spectrum_have_the_same_science_fields(pipeline
     assert crowded["result_flags"] == first["result_flags"]
 
 
+
+
+def test_stacked_rows_are_one_writable_copy_each_row_in_its_dtype():
+    rows = [np.frombuffer(np.arange(i, i + 3, dtype=dtype).tobytes(), dtype)  # read-only, as decoded
+            for i, dtype in enumerate(["<f4", "<f8", ">f4", "<f4"])]
+    stacked = stacked_rows(rows)
+    assert [row.dtype.name for row in stacked] == ["float32", "float64", "float32", "float32"]  # byte order aside
+    assert [list(row) for row in stacked] == [[0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5]]
+    assert all(row.flags.writeable and not np.shares_memory(row, original) for row, original in zip(stacked, rows))
+    same = stacked_rows([rows[0], rows[3]])
+    assert isinstance(same, np.ndarray) and same.shape == (2, 3) and same.flags.writeable
+
+
+def test_a_batch_of_float32_and_float64_messages_gives_each_spectrum_its_own_numbers(pipeline, spectra):
+    flux, ivar = spectra
+    messages = [consumed(encode_inline(Spectrum(f"s{i}", flux[i], ivar[i]), dtype=dtype), key=f"s{i}".encode(),
+                         offset=i) for i, dtype in enumerate(["<f4", "<f8", "<f4", "<f8"])]
+    together = [strict_json(item.value) for item in _results(pipeline.run(messages))]
+    alone = [strict_json(_results(pipeline.run([message]))[0].value) for message in messages]
+    assert [record["spectrum_id"] for record in together] == ["s0", "s1", "s2", "s3"]
+    assert len({record["teff"] for record in together}) == 4
+    for crowded, single in zip(together, alone):
+        for name in SCIENCE_FIELDS:
+            assert crowded[name] == pytest.approx(single[name], rel=1e-4), name
 
 
 def test_runtime_exception_record_validates(model, spectra):

@@ -25,7 +25,7 @@ from stream_worker.core.records import Provenance
 from stream_worker.engine.kernels import TRUNK_ROWS, FusedApogeeNet
 from stream_worker.engine.network import ApogeeNet
 from stream_worker.engine.precision import PrecisionMode, PrecisionPlan, parse_plan, precision_mode
-from stream_worker.engine.preprocess import network_inputs, noise_draws
+from stream_worker.engine.preprocess import dtype_groups, network_inputs, noise_draws
 from stream_worker.engine.tuning import measured_plan
 from stream_worker.engine.uncertainty import summarise, unnormalise
 from stream_worker.engine.weights import DEMO_MODEL_NAME, load_model, random_model, resolve_device
@@ -173,11 +173,8 @@ class Estimator:
             chunk = [_native(row) for row in ivar[start : start + step]]
             with torch.cuda.stream(copies):
                 tensors = {"flux": _pinned(flux[start : start + step]).to(self.device, non_blocking=True)}
-                by_dtype: dict[np.dtype, list[int]] = {}
-                for i, row in enumerate(chunk):
-                    by_dtype.setdefault(row.dtype, []).append(i)
                 rows: list = [None] * len(chunk)
-                for dtype, indices in by_dtype.items():
+                for dtype, indices in dtype_groups(chunk).items():
                     group = _pinned(np.stack([chunk[i] for i in indices])).to(self.device, non_blocking=True)
                     tensors[str(dtype)] = group
                     for j, i in enumerate(indices):
@@ -225,7 +222,8 @@ class Estimator:
             if self.num_draws:
                 noise = torch.stack([noise_draws(ids[i], self.seed, self.num_draws, flux.shape[-1], self.device)
                                      for i in indices])
-            clean, noisy = network_inputs(flux[indices], [ivar[i] for i in indices], noise)
+            chunk = flux if len(indices) == len(flux) else flux[indices]  # all of them: no copy
+            clean, noisy = network_inputs(chunk, [ivar[i] for i in indices], noise)
             return list(clean.unsqueeze(1)) if noisy is None else list(torch.cat([clean.unsqueeze(1), noisy], dim=1))
 
         indices = list(range(len(ids)))

@@ -134,6 +134,7 @@ class FusedApogeeNet(nn.Module):
         model = model.eval()
         device_type = next(model.parameters()).device.type
         self.pos_enc = model.pos_enc
+        self._position: torch.Tensor | None = None  # pos_enc's channel at the last length seen
         self.first_conv = fold_conv(model.first_conv.conv_layer, model.first_conv.bn)
         self.res_blocks = nn.ModuleList(
             FusedResBlock(block, form.convs[2 * i : 2 * i + 2]) for i, block in enumerate(model.res_blocks)
@@ -148,10 +149,22 @@ class FusedApogeeNet(nn.Module):
         self.form = form
         self.trunk_rows = trunk_rows or TRUNK_ROWS.get(device_type, TRUNK_ROWS["cuda"])
 
+    def _with_position(self, x: torch.Tensor) -> torch.Tensor:
+        """``pos_enc(x)`` as ``(B, 2, 1, L)`` channels-last, written in one pass: the positional
+        channel is computed once per length (it depends on nothing else) and interleaved with
+        the flux, instead of concatenated and then copied into that layout."""
+        length = x.shape[-1]
+        position = self._position
+        if position is None or (len(position), position.dtype, position.device) != (length, x.dtype, x.device):
+            position = self._position = self.pos_enc.channel(length, x.dtype)
+        out = x.new_empty(len(x), 1, length, 2)
+        out[..., 0] = x
+        out[..., 1] = position
+        return out.permute(0, 3, 1, 2)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The convolutional trunk: ``(B, 1, L)`` → pooled features ``(B, C * pooled_length)``."""
-        out = self.pos_enc(x).unsqueeze(2).contiguous(memory_format=torch.channels_last)
-        out = F.max_pool2d(F.elu(self.first_conv(out), inplace=True), (1, 2))
+        out = pairwise_max(F.elu(self.first_conv(self._with_position(x)), inplace=True))
         for block in self.res_blocks:
             out = block(out)
         return torch.flatten(self.adapt_pool(out.squeeze(2)), 1)
@@ -167,6 +180,14 @@ class FusedApogeeNet(nn.Module):
         features = torch.cat([self.features(part) for part in _fixed_groups(x, self.trunk_rows)])
         outputs = torch.cat([self.linear_sequential(part) for part in _fixed_groups(features, HEAD_ROWS)])
         return outputs[: len(x)]
+
+
+def pairwise_max(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, (1, 2))`` (an odd last sample dropped, NaN kept) as one elementwise maximum
+    of the even and odd samples: the same values, several times faster than oneDNN's pooling of
+    channels-last rows on CPUs (0.08 against 0.83 ms for 16 rows of one channel)."""
+    even = x.shape[-1] // 2 * 2
+    return torch.maximum(x[..., 0:even:2], x[..., 1:even:2])
 
 
 def _fixed_groups(rows: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:

@@ -22,9 +22,13 @@ class PositionalChannel(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", torch.ones(1))
 
+    def channel(self, length: int, dtype: torch.dtype) -> torch.Tensor:
+        """The positional channel ``(length,)`` in ``dtype``."""
+        position = torch.arange(length, device=self.inv_freq.device, dtype=self.inv_freq.dtype)
+        return torch.sin(position * self.inv_freq).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        position = torch.arange(x.shape[-1], device=x.device, dtype=self.inv_freq.dtype)
-        channel = torch.sin(position * self.inv_freq).to(x.dtype)
+        channel = self.channel(x.shape[-1], x.dtype)
         return torch.cat([x, channel.expand(x.shape[0], 1, -1)], dim=1)
 
 

@@ -71,14 +71,20 @@ def errors_from_ivar(flux: torch.Tensor, ivar: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(error), limit[:, None], error).float()
 
 
+def dtype_groups(rows: Sequence) -> dict:
+    """The indices of ``rows`` (arrays or tensors) by dtype, in order: rows are stacked per dtype,
+    never converted to a common one, so a spectrum's error has the same bits whatever its companions."""
+    groups: dict = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.dtype, []).append(i)
+    return groups
+
+
 def errors_of(flux: torch.Tensor, ivar_rows: Sequence[torch.Tensor]) -> torch.Tensor:
     """``errors_from_ivar`` for rows that may differ in dtype: each dtype's rows together, never
     converted to a common dtype, so a spectrum's error has the same bits whatever its companions."""
     error = torch.empty(flux.shape, dtype=torch.float32, device=flux.device)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, row in enumerate(ivar_rows):
-        by_dtype.setdefault(row.dtype, []).append(i)
-    for indices in by_dtype.values():
+    for indices in dtype_groups(ivar_rows).values():
         index = torch.tensor(indices, device=flux.device)
         error[index] = errors_from_ivar(flux[index], torch.stack([ivar_rows[i] for i in indices]))
     return error
@@ -99,16 +105,17 @@ def clip_level(flat: torch.Tensor) -> torch.Tensor:
         level = torch.lerp(pair[..., :1], pair[..., 1:], weight)
     else:
         level = top
-    return torch.where(torch.isnan(flat).any(-1, keepdim=True), torch.full_like(level, float("nan")), level)
+    # topk ranks NaN above every number, so a row holding NaN holds one in its top values
+    return torch.where(torch.isnan(top).any(-1, keepdim=True), torch.full_like(level, float("nan")), level)
 
 
 def log_scale(flux: torch.Tensor, dims: int = 1) -> torch.Tensor:
     """Clipped log flux. The 95% quantile is taken over the last ``dims`` axes together:
     ``dims=1`` per spectrum (clean pass), ``dims=2`` over all draws of one spectrum (noisy pass),
     never across spectra."""
-    logged = torch.log(torch.clamp(flux, min=FLUX_FLOOR))
+    logged = torch.clamp(flux, min=FLUX_FLOOR).log_()  # in place from here: one buffer, fewer passes
     flat = logged.reshape(*logged.shape[: logged.dim() - dims], -1)
-    return torch.minimum(flat, clip_level(flat) + 1).reshape(logged.shape)
+    return torch.minimum(flat, clip_level(flat) + 1, out=flat).reshape(logged.shape)
 
 
 def spectrum_seed(seed: int, spectrum_id: str) -> int:

@@ -189,8 +189,8 @@ def decode_input(value: bytes | None) -> Spectrum | FileReference:
             "wrong_shape",
             f"payload of {len(payload)} bytes does not hold 2 x {n_pixels} values of {dtype}",
         )
-    arrays = np.frombuffer(payload, dtype=dtype).reshape(2, n_pixels)
-    flux, second = arrays[0].copy(), arrays[1].copy()
+    # read-only views of the message's bytes, not copies: the batch's stack is their one copy
+    flux, second = np.frombuffer(payload, dtype=dtype).reshape(2, n_pixels)
     spectrum_kind = header.get("spectrum_kind", "coadd")
     return Spectrum(
         spectrum_id=spectrum_id,

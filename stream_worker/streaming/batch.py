@@ -22,6 +22,7 @@ from stream_worker.core.estimate import Estimate
 from stream_worker.core.records import KafkaSource, build_record
 from stream_worker.core.spectrum import InputError, Spectrum, validate_spectrum
 from stream_worker.engine.estimator import Estimator
+from stream_worker.engine.preprocess import dtype_groups
 from stream_worker.io.files import FileReader
 from stream_worker.io.serializers import Serializer, serializer
 from stream_worker.io.wire import FileReference, decode_input
@@ -139,7 +140,7 @@ class Pipeline:
         spectra = [spectrum for _, spectrum in prepared.accepted]
         estimates = self.estimator.estimate(
             np.stack([s.flux for s in spectra]),  # the batch's one copy of the flux
-            [s.ivar for s in spectra],  # not stacked: each keeps its dtype
+            stacked_rows([s.ivar for s in spectra]),  # and of the ivar, each row in its dtype
             [s.spectrum_id for s in spectra],
         )
         return Inferred(estimates, time.perf_counter() - started)
@@ -169,6 +170,20 @@ class Pipeline:
     def _dead_letter(self, message, reason: str, text: str) -> Item:
         outgoing = dead_letter_message(message, reason, text, self.dead_letter_topic, self.max_message_bytes)
         return Item(_source(message), outgoing, dead_letter=DeadLetter(reason, text))
+
+
+def stacked_rows(rows: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """The rows as one ``(N, L)`` array if they share a dtype, else each row a view of its dtype's
+    stack: one copy, in any case writable (decoded rows are read-only views of their messages),
+    and no row converted to another precision (numpy stacks big-endian rows in native order)."""
+    groups = dtype_groups(rows)
+    if len(groups) == 1:
+        return np.stack(rows)
+    stacked: list = [None] * len(rows)
+    for indices in groups.values():
+        for i, row in zip(indices, np.stack([rows[i] for i in indices])):
+            stacked[i] = row
+    return stacked
 
 
 def _source(message) -> TopicPartition:
