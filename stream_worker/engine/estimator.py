@@ -25,7 +25,7 @@ from stream_worker.core.records import Provenance
 from stream_worker.engine.kernels import TRUNK_ROWS, FusedApogeeNet
 from stream_worker.engine.network import ApogeeNet
 from stream_worker.engine.precision import PrecisionMode, PrecisionPlan, parse_plan, precision_mode
-from stream_worker.engine.preprocess import dtype_groups, network_inputs, noise_draws
+from stream_worker.engine.preprocess import dtype_groups, input_rows, noise_draws
 from stream_worker.engine.tuning import measured_plan
 from stream_worker.engine.uncertainty import summarise, unnormalise
 from stream_worker.engine.weights import DEMO_MODEL_NAME, load_model, random_model, resolve_device
@@ -199,8 +199,7 @@ class Estimator:
     def _estimate_chunk(self, flux: torch.Tensor, ivar: list[torch.Tensor], ids: list[str],
                         started: float) -> list[Estimate]:
         outcomes: dict[int, tuple | BaseException] = {}
-        blocks = self._input_blocks(flux, ivar, ids, outcomes)
-        outcomes.update(self._run_blocks(blocks))
+        outcomes.update(self._run_blocks(*self._input_blocks(flux, ivar, ids, outcomes)))
         seconds = (time.perf_counter() - started) / max(len(ids), 1)
         estimates = []
         for i, spectrum_id in enumerate(ids):
@@ -213,54 +212,56 @@ class Estimator:
         return estimates
 
     def _input_blocks(self, flux: torch.Tensor, ivar: list[torch.Tensor], ids: list[str],
-                      failures: dict[int, BaseException]) -> dict[int, torch.Tensor]:
-        """Per spectrum, rows ``(1 + num_draws, 1, L)`` on the engine's device: the clean input
-        first, then the noisy ones, each spectrum's noise from its own generator on that device.
-        Prepared as one stack; if that raises, spectrum by spectrum, recording failures."""
-        def blocks_of(indices: list[int]) -> list[torch.Tensor]:
-            noise = None
-            if self.num_draws:
-                noise = torch.stack([noise_draws(ids[i], self.seed, self.num_draws, flux.shape[-1], self.device)
-                                     for i in indices])
+                      failures: dict[int, BaseException]) -> tuple[list[int], torch.Tensor]:
+        """The spectra that could be prepared and their rows ``(n, 1 + num_draws, 1, L)`` on the
+        engine's device: per spectrum the clean input first, then the noisy ones, its noise drawn
+        by its own generator straight into the buffer. Prepared as one stack; if that raises,
+        spectrum by spectrum, recording failures."""
+        def rows_of(indices: list[int]) -> torch.Tensor:
+            rows = torch.empty((len(indices), 1 + self.num_draws, flux.shape[-1]), dtype=torch.float32,
+                               device=self.device)
+            for row, i in zip(rows, indices):
+                if self.num_draws:
+                    noise_draws(ids[i], self.seed, self.num_draws, flux.shape[-1], out=row[1:])
             chunk = flux if len(indices) == len(flux) else flux[indices]  # all of them: no copy
-            clean, noisy = network_inputs(chunk, [ivar[i] for i in indices], noise)
-            return list(clean.unsqueeze(1)) if noisy is None else list(torch.cat([clean.unsqueeze(1), noisy], dim=1))
+            return input_rows(chunk, [ivar[i] for i in indices], rows).unsqueeze(2)
 
         indices = list(range(len(ids)))
         try:
-            return dict(zip(indices, blocks_of(indices)))
+            return indices, rows_of(indices)
         except Exception:
-            blocks = {}
+            prepared = {}
             for i in indices:
                 try:
-                    (blocks[i],) = blocks_of([i])
+                    prepared[i] = rows_of([i])
                 except Exception as exc:
                     failures[i] = exc
-            return blocks
+            rows = torch.cat(list(prepared.values())) if prepared else flux.new_empty(0)
+            return list(prepared), rows
 
-    def _run_blocks(self, blocks: dict[int, torch.Tensor]) -> dict[int, tuple | BaseException]:
-        """All blocks in one stack; if that raises, each block alone, so one bad spectrum
-        cannot take down the others."""
-        if not blocks:
+    def _run_blocks(self, indices: list[int], rows: torch.Tensor) -> dict[int, tuple | BaseException]:
+        """All spectra's rows in one stack; if that raises, each spectrum's alone, so one bad
+        spectrum cannot take down the others."""
+        if not indices:
             return {}
         try:
-            outputs = self._forward(torch.cat(list(blocks.values())))
-            per_block = dict(zip(blocks, outputs.split(1 + self.num_draws)))
+            outputs = self._forward(rows.flatten(0, 1))
+            per_block = dict(zip(indices, outputs.split(1 + self.num_draws)))
         except Exception as exc:
             log.warning("batched forward pass failed (%s); retrying spectrum by spectrum", exc)
             per_block = {}
-            for i, block in blocks.items():
+            for i, block in zip(indices, rows):
                 try:
                     per_block[i] = self._forward(block)
                 except Exception as single_exc:
                     per_block[i] = single_exc
         outcomes: dict[int, tuple | BaseException] = {}
-        for i, rows in per_block.items():
-            if isinstance(rows, BaseException):
-                outcomes[i] = rows
+        for i, outputs in per_block.items():
+            if isinstance(outputs, BaseException):
+                outcomes[i] = outputs
                 continue
             try:
-                outcomes[i] = summarise(rows[0], rows[1:] if self.num_draws else None, self.card)
+                outcomes[i] = summarise(outputs[0], outputs[1:] if self.num_draws else None, self.card)
             except Exception as exc:
                 outcomes[i] = exc
         return outcomes

@@ -113,9 +113,16 @@ def log_scale(flux: torch.Tensor, dims: int = 1) -> torch.Tensor:
     """Clipped log flux. The 95% quantile is taken over the last ``dims`` axes together:
     ``dims=1`` per spectrum (clean pass), ``dims=2`` over all draws of one spectrum (noisy pass),
     never across spectra."""
-    logged = torch.clamp(flux, min=FLUX_FLOOR).log_()  # in place from here: one buffer, fewer passes
-    flat = logged.reshape(*logged.shape[: logged.dim() - dims], -1)
-    return torch.minimum(flat, clip_level(flat) + 1, out=flat).reshape(logged.shape)
+    return log_scale_(flux.clone(), dims)
+
+
+def log_scale_(values: torch.Tensor, dims: int = 1) -> torch.Tensor:
+    """:func:`log_scale` in place (no buffer allocated: a chunk's draws are tens of MB);
+    ``values``' last ``dims`` axes must be contiguous together."""
+    values.clamp_(min=FLUX_FLOOR).log_()
+    flat = values.view(*values.shape[: values.dim() - dims], -1)
+    torch.minimum(flat, clip_level(flat) + 1, out=flat)
+    return values
 
 
 def spectrum_seed(seed: int, spectrum_id: str) -> int:
@@ -126,11 +133,16 @@ def spectrum_seed(seed: int, spectrum_id: str) -> int:
 
 
 def noise_draws(spectrum_id: str, seed: int, num_draws: int, n_pixels: int,
-                device: str | torch.device = "cpu") -> torch.Tensor:
+                device: str | torch.device = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
     """Standard normal draws ``(num_draws, n_pixels)`` from a generator owned by this spectrum, on
-    ``device``. Reproducible per device type: a CUDA generator draws other numbers than the CPU's."""
-    generator = torch.Generator(device=device).manual_seed(spectrum_seed(seed, spectrum_id))
-    return torch.randn((num_draws, n_pixels), generator=generator, dtype=torch.float32, device=device)
+    ``device`` (or into ``out``, contiguous float32 of that shape: the same numbers). Reproducible
+    per device type: a CUDA generator draws other numbers than the CPU's."""
+    if out is None:
+        out = torch.empty((num_draws, n_pixels), dtype=torch.float32, device=device)
+    if out.shape != (num_draws, n_pixels) or not out.is_contiguous():
+        raise ValueError(f"noise goes into a contiguous ({num_draws}, {n_pixels}) tensor, got {tuple(out.shape)}")
+    generator = torch.Generator(device=out.device).manual_seed(spectrum_seed(seed, spectrum_id))
+    return out.normal_(generator=generator)  # what torch.randn does, in place
 
 
 def network_inputs(flux, ivar, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -140,19 +152,34 @@ def network_inputs(flux, ivar, noise: torch.Tensor | None) -> tuple[torch.Tensor
     One spectrum: ``flux``/``ivar`` ``(L,)``, ``noise`` ``(D, L)`` → clean ``(1, 1, L)``, noisy
     ``(D, 1, L)``. A stack: ``(N, L)`` flux, ``N`` ivar rows (an array or a sequence, each row in
     its own dtype) and ``(N, D, L)`` noise → ``(N, 1, L)`` and ``(N, D, 1, L)``.
-    Noisy inputs are ``flux + error * noise`` in linear flux, log scaled together per spectrum.
     """
     flux = torch.as_tensor(flux)
     single = flux.dim() == 1
-    flux32 = clean_flux(flux[None] if single else flux)
-    clean = log_scale(flux32).unsqueeze(1)
-    noisy = None
-    if noise is not None and noise.shape[-2] > 0:
-        rows = [torch.as_tensor(ivar, device=flux32.device)] if single else \
-            [torch.as_tensor(row, device=flux32.device) for row in ivar]
-        error = errors_of(flux32, rows)
-        draws = noise.reshape(len(flux32), -1, flux32.shape[-1])
-        noisy = log_scale(flux32[:, None, :] + error[:, None, :] * draws, dims=2).unsqueeze(2)
+    flux = flux[None] if single else flux
+    draws = 0 if noise is None else noise.shape[-2]
+    rows = torch.empty((len(flux), 1 + draws, flux.shape[-1]), dtype=torch.float32, device=flux.device)
+    if draws:
+        rows[:, 1:] = noise.reshape(len(flux), draws, -1)
+    input_rows(flux, [ivar] if single else ivar, rows)
+    clean, noisy = rows[:, :1], rows[:, 1:].unsqueeze(2) if draws else None
     if single:
         return clean, None if noisy is None else noisy[0]
     return clean, noisy
+
+
+def input_rows(flux, ivar, rows: torch.Tensor) -> torch.Tensor:
+    """Fills ``rows`` ``(N, 1 + D, L)`` float32 with the network's inputs, in place: on entry
+    ``rows[:, 1:]`` holds each spectrum's standard normal draws, on return ``rows[:, 0]`` its
+    clean input and ``rows[:, 1:]`` its noisy ones, ``flux + error * noise`` in linear flux, log
+    scaled together per spectrum. ``flux`` ``(N, L)``; ``ivar``: ``N`` rows, each in its own dtype.
+    One buffer for all of it: the draws of a 64-spectrum chunk are 44 MB, and each temporary
+    of that size costs a fresh allocation and a pass."""
+    flux32 = clean_flux(flux)
+    rows[:, 0] = flux32
+    log_scale_(rows[:, 0])
+    if rows.shape[1] > 1:
+        error = errors_of(flux32, [torch.as_tensor(row, device=flux32.device) for row in ivar])
+        noisy = rows[:, 1:]
+        noisy.mul_(error[:, None, :]).add_(flux32[:, None, :])  # = flux + error * noise, bit for bit
+        log_scale_(noisy, dims=2)
+    return rows
