@@ -33,12 +33,16 @@ IN_FLIGHT = (1, 2)
 BATCH = 64
 BEGIN, END = "<!-- bench.pipelining: begin -->", "<!-- bench.pipelining: end -->"
 HOST_COST = {
-    "trivial network, 0 draws": (0, {}),
-    # libgomp's threads spin after each parallel region; passive waiting shows what that spinning costs
-    "trivial network, 0 draws, OMP_WAIT_POLICY=PASSIVE": (0, {"OMP_WAIT_POLICY": "PASSIVE"}),
-    "trivial network, 20 draws": (20, {}),
+    "trivial network, 0 draws": (0, {}, {}),
+    # libgomp's threads spin after each parallel region: the worker bounds that (stream_worker/__init__.py);
+    # libgomp's own default and passive waiting show what the spinning costs
+    "trivial network, 0 draws, GOMP_SPINCOUNT=300000 (libgomp's default)": (0, {"GOMP_SPINCOUNT": "300000"}, {}),
+    "trivial network, 0 draws, OMP_WAIT_POLICY=PASSIVE": (0, {"OMP_WAIT_POLICY": "PASSIVE"}, {}),
+    # one engine thread: what two OpenMP threads on 2 cores beside the Kafka client's cost
+    "trivial network, 0 draws, engine.num_threads 1": (0, {}, {"engine__num_threads": 1}),
+    "trivial network, 20 draws": (20, {}, {}),
 }
-"""Host-cost rows: draws and extra environment of the real-engine worker on the trivial network."""
+"""Host-cost rows: draws, extra environment and settings of the real-engine worker on the trivial network."""
 
 
 def measure(messages: int, rounds: int) -> dict:
@@ -64,8 +68,9 @@ def measure(messages: int, rounds: int) -> dict:
                     run = phase("bench.standin_worker", speed, worker__max_batches_in_flight=in_flight,
                                 engine__num_draws=0)
                     results["overlap"].setdefault((speed, in_flight), []).append(run)
-            for label, (draws, env) in HOST_COST.items():
-                run = phase(engine__num_draws=draws, n=messages if draws == 0 else messages // 10, env=env)
+            for label, (draws, env, settings) in HOST_COST.items():
+                run = phase(engine__num_draws=draws, n=messages if draws == 0 else messages // 10, env=env,
+                            **settings)
                 results["host_cost"].setdefault(label, []).append(run)
             for in_flight in IN_FLIGHT:
                 run = phase("bench.standin_worker", SPEEDS[0], n=200, paced=SPEEDS[0] / 4,
