@@ -19,8 +19,12 @@ CONV_FORMS = ("fft-f32", "direct-f32")
 """A residual convolution by FFT (overlap-save, float32) or by direct sums in float32. Direct
 bfloat16 convolutions were a form too, and the fastest on an AMX CPU (5.8x the reference loop
 in fast mode against 3.0x), but on the trained demonstration model they moved the Monte Carlo
-uncertainties by a median 22-140% of themselves there (a draw's perturbations are smaller than
-bfloat16's rounding of the activations): they broke fast mode's accuracy rule, so no mode has them."""
+uncertainties by a median 22-140% of themselves there, so no mode has them. The cause, found
+later: torch 2.15's CPU bfloat16 convolution on that AMX Xeon computes wrong numbers (~100%
+relative error) for 8 input channels and kernel widths 8, 12 and 16, the demonstration model's
+shape; bfloat16 rounding of inputs, weights and outputs alone moves them ~0.2%, and every
+convolution of the full-size network (width 30) computes correctly. Bringing the form back needs
+a start-up check of each reduced-precision form against float32 at its layer's shape."""
 
 HEAD_FORMS = ("f32", "bf16")
 """The dense head's first layer (65536 x 1024 in APOGEENet III) in float32 or bfloat16."""
