@@ -297,8 +297,9 @@ def test_the_plan_follows_the_device_and_the_network():
 
 def test_kernels_are_measured_once_per_process_and_stay_within_the_mode(tiny_model, spectra, caplog):
     """engine.kernels: measure (default) times each allowed form on this device and keeps the
-    fastest; exact mode never picks bfloat16, fast mode only for the draws; a second engine of
-    the same kind reuses the measurement, so all its records share one plan."""
+    fastest; exact mode never picks bfloat16, fast mode only for the draws (their convolutions
+    and head are measured apart); a second engine of the same kind reuses the measurement, so
+    all its records share one plan."""
     import logging
 
     from stream_worker.engine.precision import MODES, parse_plan
@@ -307,7 +308,7 @@ def test_kernels_are_measured_once_per_process_and_stay_within_the_mode(tiny_mod
         exact = Estimator(tiny_model, num_draws=4, precision="exact")
         fast = Estimator(tiny_model, num_draws=4, precision="fast")
         again = Estimator(tiny_model, num_draws=4, precision="fast")
-    assert sum("kernels measured" in r.getMessage() for r in caplog.records) <= 2  # clean, fast draws
+    assert sum("kernels measured" in r.getMessage() for r in caplog.records) <= 3  # clean, draws' convs, head
     assert again.plan == fast.plan
     assert "bf16" not in exact.plan.label and fast.plan.clean == exact.plan.clean
     for engine in (exact, fast):
@@ -323,12 +324,64 @@ def test_a_pinned_plan_is_used_as_given_and_checked_against_the_mode(tiny_model,
     assert records_of(pinned, flux[:1], ivar[:1], ["q"])[0]["engine_plan"] == label
     with pytest.raises(ValueError, match="'bf16' is not allowed in exact mode"):
         Estimator(tiny_model, precision="exact", kernels="exact/cpu clean=draws: convs direct-f32x2 head bf16")
-    with pytest.raises(ValueError, match="unknown layer forms"):
+    with pytest.raises(ValueError, match="clean convolution 0: 'direct-bf16' is not allowed in fast mode"):
         Estimator(tiny_model, precision="fast", kernels="fast/cpu clean=draws: convs direct-bf16x2 head f32")
+    with pytest.raises(ValueError, match="unknown layer forms"):
+        Estimator(tiny_model, precision="fast", kernels="fast/cpu clean=draws: convs direct-f16x2 head f32")
     with pytest.raises(ValueError, match="the pinned plan is for cuda"):
         Estimator(tiny_model, kernels="exact/cuda clean=draws: convs direct-f32x2 head f32")
     with pytest.raises(ValueError, match="not a precision plan"):
         Estimator(tiny_model, kernels="fastest please")
+
+
+class Garbage(torch.nn.Module):
+    """A reduced-precision form as a broken kernel computes it: the right shape, wrong numbers
+    (torch 2.15's CPU bfloat16 convolution does that for 8 input channels and width 8 on AMX)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x).flip(-1)
+
+
+class RoundedToBFloat16(Garbage):
+    """A correct bfloat16 form: input and output rounded, float32 sums."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.bfloat16().float()).bfloat16().float()
+
+
+@pytest.mark.parametrize("form, used", [(Garbage, False), (RoundedToBFloat16, True)])
+def test_a_reduced_precision_convolution_is_used_only_if_it_computes_what_float32_does(form, used, monkeypatch,
+                                                                                        caplog):
+    """Whatever the timings, a bfloat16 form that gives other numbers than float32 at its layer's
+    shape is never measured into a plan, and a pinned plan holding it is refused."""
+    import logging
+
+    from stream_worker.engine import kernels, tuning
+    from stream_worker.engine.precision import MODES, parse_plan
+    from stream_worker.engine.weights import random_model
+
+    real_conv_as = kernels.conv_as
+    monkeypatch.setattr(tuning, "conv_as", lambda conv, f: form(conv) if f == "direct-bf16" else real_conv_as(conv, f))
+    monkeypatch.setattr(tuning, "_time", lambda module, x, device: 0.1 if isinstance(module, Garbage) else 1.0)
+    monkeypatch.setattr(tuning, "_MEASURED", {})
+    monkeypatch.setattr(tuning, "_TIMINGS", {})
+    model = random_model(device="cpu", seed=4, channels=(2, 4, 4), kernel_size=8, pooled_length=4, linear_width=4,
+                         linear_layers=1)
+    with caplog.at_level(logging.WARNING, logger="stream_worker.engine.tuning"):
+        plan = tuning.measured_plan(model, MODES["fast"], torch.device("cpu"), 16)
+    assert ("direct-bf16" in plan.draws.convs) is used  # the fastest form, when it is right
+    assert "direct-bf16" not in plan.clean.convs
+    assert any("computes conv" in r.getMessage() and "wrongly" in r.getMessage() for r in caplog.records) is not used
+    pinned = parse_plan("fast/cpu clean: convs direct-f32x4 head f32; draws: convs direct-f32x2,direct-bf16x2 head f32")
+    if used:
+        assert tuning.checked_plan(model, pinned, torch.device("cpu"), 16) is pinned
+    else:
+        with pytest.raises(ValueError, match="convolution 2 in direct-bf16 computes wrongly on cpu"):
+            tuning.checked_plan(model, pinned, torch.device("cpu"), 16)
 
 
 def test_kernels_are_measured_for_a_head_without_hidden_layers(spectra):

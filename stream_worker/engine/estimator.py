@@ -26,7 +26,7 @@ from stream_worker.engine.kernels import TRUNK_ROWS, FusedApogeeNet
 from stream_worker.engine.network import ApogeeNet
 from stream_worker.engine.precision import PrecisionMode, PrecisionPlan, parse_plan, precision_mode
 from stream_worker.engine.preprocess import dtype_groups, input_rows, noise_draws
-from stream_worker.engine.tuning import measured_plan
+from stream_worker.engine.tuning import checked_plan, measured_plan
 from stream_worker.engine.uncertainty import summarise, unnormalise
 from stream_worker.engine.weights import DEMO_MODEL_NAME, load_model, random_model, resolve_device
 
@@ -84,15 +84,15 @@ class Estimator:
 
     def _resolve(self, mode: PrecisionMode, model: ApogeeNet, kernels: str, fft: bool) -> PrecisionPlan:
         sizes = model.sizes
+        rows = TRUNK_ROWS.get(self.device.type, TRUNK_ROWS["cuda"])
         if kernels == "rules":
             return mode.plan(self.device.type, sizes.channels, sizes.kernel_size, fft=fft)
         if kernels == "measure":
-            rows = TRUNK_ROWS.get(self.device.type, TRUNK_ROWS["cuda"])
             return measured_plan(model, mode, self.device, rows, fft=fft)
         plan = parse_plan(kernels)
         if plan.device_type != self.device.type:
             raise ValueError(f"the pinned plan is for {plan.device_type}, the engine runs on {self.device.type}")
-        return mode.check(plan, sizes.channels, fft=fft)
+        return checked_plan(model, mode.check(plan, sizes.channels, fft=fft), self.device, rows)
 
     @property
     def provenance(self) -> Provenance:

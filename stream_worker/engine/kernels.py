@@ -5,8 +5,8 @@ Same function, less work: each BatchNorm (eval mode: a fixed affine map) is fold
 convolution before it; the convolutions run as ``(1 x k)`` 2-D convolutions in channels-last
 layout, which oneDNN executes markedly faster on CPUs; a residual convolution whose form is
 ``fft-f32`` is computed by FFT (overlap-save), which needs several times fewer multiplications
-than the direct sum and agrees with it to float32 rounding; a ``bf16`` head's first layer runs
-in bfloat16 between float32 activations. The residual stream, the input scaling,
+than the direct sum and agrees with it to float32 rounding; ``direct-bf16`` convolutions and a
+``bf16`` head's first layer run in bfloat16 between float32 activations. The residual stream, the input scaling,
 the first convolution and the pooling stay float32 in every form (tests/test_fused.py). Which
 form each layer takes is the precision plan's decision, not this module's.
 """
@@ -97,7 +97,7 @@ def conv_as(conv: nn.Conv2d, form: str) -> nn.Module:
     """The folded ``conv`` as it runs in ``form`` (one of the plan's ``CONV_FORMS``)."""
     if form == "fft-f32":
         return SpectralConv(conv)
-    return conv
+    return InBFloat16(copy.deepcopy(conv)) if form == "direct-bf16" else conv
 
 
 class FusedResBlock(nn.Module):
@@ -111,7 +111,12 @@ class FusedResBlock(nn.Module):
         self.first_channel = block.shortcut_padding[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv2(F.elu(self.conv1(x), inplace=True))
+        if isinstance(self.conv1, InBFloat16) and isinstance(self.conv2, InBFloat16):
+            # the activation between two bfloat16 convolutions stays bfloat16 (the second would
+            # round it to that anyway): two conversions fewer, and the ELU reads half the bytes
+            out = self.conv2.module(F.elu(self.conv1.module(x.to(torch.bfloat16)), inplace=True)).float()
+        else:
+            out = self.conv2(F.elu(self.conv1(x), inplace=True))
         out[:, self.first_channel : self.first_channel + x.shape[1]] += x
         return F.elu(out, inplace=True)
 

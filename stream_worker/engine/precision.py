@@ -15,16 +15,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CONV_FORMS = ("fft-f32", "direct-f32")
-"""A residual convolution by FFT (overlap-save, float32) or by direct sums in float32. Direct
-bfloat16 convolutions were a form too, and the fastest on an AMX CPU (5.8x the reference loop
-in fast mode against 3.0x), but on the trained demonstration model they moved the Monte Carlo
-uncertainties by a median 22-140% of themselves there, so no mode has them. The cause, found
-later: torch 2.15's CPU bfloat16 convolution on that AMX Xeon computes wrong numbers (~100%
-relative error) for 8 input channels and kernel widths 8, 12 and 16, the demonstration model's
-shape; bfloat16 rounding of inputs, weights and outputs alone moves them ~0.2%, and every
-convolution of the full-size network (width 30) computes correctly. Bringing the form back needs
-a start-up check of each reduced-precision form against float32 at its layer's shape."""
+CONV_FORMS = ("fft-f32", "direct-f32", "direct-bf16")
+"""A residual convolution by FFT (overlap-save, float32), or by direct sums in float32 or in
+bfloat16 (float32 accumulation). Reduced precision is for the Monte Carlo draws of the last
+:data:`REDUCED_BLOCKS` blocks only, and only where a start-up check at the layer's shape finds
+it computes what float32 does to bfloat16's rounding (:mod:`~stream_worker.engine.tuning`):
+torch 2.15's CPU bfloat16 convolution on an AMX Xeon computes wrong numbers (~100% relative
+error) for 8 input channels and kernel widths 8, 12 and 16. Correct bfloat16 convolutions move
+the trained demonstration model's uncertainties by a median 0.3-0.5% in its last blocks."""
+
+REDUCED_FORMS = ("direct-bf16", "bf16")
+"""The forms that round to bfloat16: each is checked against float32 before it is used."""
 
 HEAD_FORMS = ("f32", "bf16")
 """The dense head's first layer (65536 x 1024 in APOGEENet III) in float32 or bfloat16."""
@@ -34,6 +35,9 @@ HEAD_FORMS = ("f32", "bf16")
 # block (3.0 vs 7.5 ms per row; 4.1 in direct bfloat16). Short kernels and narrow channels stay direct.
 FFT_MIN_TAPS = 16
 FFT_MIN_CHANNEL_PRODUCT = 32
+REDUCED_BLOCKS = 2
+"""Reduced precision may touch only the last residual blocks' convolutions (~95% of their
+arithmetic in APOGEENet III): in all blocks it moved the demonstration model's uncertainties 1.4-1.8%."""
 
 
 @dataclass(frozen=True)
@@ -91,8 +95,10 @@ class PrecisionPlan:
 
 @dataclass(frozen=True)
 class PrecisionMode:
-    """A named rule. ``reduced_draws``: the Monte Carlo draws may run the head's first layer in
-    bfloat16 (the clean pass never does, so the reported values are the exact mode's, bit for bit)."""
+    """A named rule. ``reduced_draws``: the Monte Carlo draws may run the head's first layer, and
+    (where measured faster and found correct) the last blocks' convolutions, in bfloat16; the
+    clean pass never does, so the reported values are the exact mode's, bit for bit. The fixed
+    rules reduce only the head: a reduced convolution is used only after its start-up check."""
 
     name: str
     description: str
@@ -114,8 +120,12 @@ class PrecisionMode:
     def choices(self, channels: tuple[int, ...], fft: bool = True, reduced: bool = False) -> tuple[list, tuple]:
         """The forms this mode allows each convolution (in order) and the head, for the clean
         network or (``reduced``) the draws network: what a measurement may choose between."""
-        convs = [("fft-f32", "direct-f32") if fft else ("direct-f32",)] * (2 * (len(channels) - 1))
-        return convs, (("f32", "bf16") if reduced and self.reduced_draws else ("f32",))
+        base = ("fft-f32", "direct-f32") if fft else ("direct-f32",)
+        blocks = len(channels) - 1
+        reduce = reduced and self.reduced_draws
+        convs = [base + (("direct-bf16",) if reduce and block >= blocks - REDUCED_BLOCKS else ())
+                 for block in range(blocks) for _ in (1, 2)]
+        return convs, (("f32", "bf16") if reduce else ("f32",))
 
     def check(self, plan: PrecisionPlan, channels: tuple[int, ...], fft: bool = True) -> PrecisionPlan:
         """``plan`` if this mode allows it for this network (a pinned ``engine.kernels``), else a
@@ -141,7 +151,8 @@ MODES = {
         PrecisionMode("exact", "every layer in float32 (TF32 off on GPUs): within float32 rounding of the "
                                "reference loop", reduced_draws=False),
         PrecisionMode("fast", "the clean pass as in exact mode; the Monte Carlo draws with the head's first "
-                              "layer in bfloat16", reduced_draws=True),
+                              "layer, and the last blocks' convolutions where faster and checked, in bfloat16",
+                      reduced_draws=True),
     )
 }
 

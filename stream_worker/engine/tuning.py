@@ -23,7 +23,7 @@ import torch
 from stream_worker.core.grid import N_PIXELS
 from stream_worker.engine.kernels import HEAD_ROWS, InBFloat16, conv_as, fold_conv
 from stream_worker.engine.network import ApogeeNet
-from stream_worker.engine.precision import NetworkForm, PrecisionMode, PrecisionPlan
+from stream_worker.engine.precision import REDUCED_FORMS, NetworkForm, PrecisionMode, PrecisionPlan
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,13 @@ MARGIN = 0.05
 
 REPEATS = 3
 """Timed passes per form (after one warm-up pass); the fastest counts."""
+
+REDUCED_TOLERANCE = 0.02
+"""A reduced-precision form is used only within this relative error of float32 at its layer's
+shape (bfloat16's rounding gives ~0.003; the broken kernels found give ~1)."""
+
+_REFERENCE = {"conv": "direct-f32", "head": "f32"}
+"""What a reduced-precision form of each kind of layer is checked against."""
 
 _MEASURED: dict[tuple, object] = {}
 _TIMINGS: dict[tuple, dict] = {}
@@ -62,38 +69,68 @@ def measured_plan(model: ApogeeNet, mode: PrecisionMode, device: torch.device, t
                                                             rule.clean.convs, timings))
     clean = NetworkForm(convs, rule.clean.head)
     draws = clean
-    if mode.reduced_draws:
-        _, head_choices = mode.choices(sizes.channels, fft, reduced=True)
+    if mode.reduced_draws:  # the draws keep the clean pass's forms unless a checked reduced one is faster
+        draw_choices, head_choices = mode.choices(sizes.channels, fft, reduced=True)
+        draw_convs = measured(f"{mode.name} draws' convolutions",
+                              lambda: _fastest_convs(model, device, trunk_rows, draw_choices, convs, timings))
         head = measured(f"{mode.name} draws' head",
                         lambda: _fastest_head(model, device, head_choices, rule.draws.head, timings))
-        draws = NetworkForm(convs, head)
+        draws = NetworkForm(draw_convs, head)
     return PrecisionPlan(mode.name, device.type, clean, draws)
+
+
+def checked_plan(model: ApogeeNet, plan: PrecisionPlan, device: torch.device, trunk_rows: int) -> PrecisionPlan:
+    """``plan`` (a pinned one) if each of its reduced-precision layers computes on ``device`` what
+    float32 does, to bfloat16's rounding; else a ValueError naming the layer."""
+    layers = [(form, "conv", _conv_builder(conv), _conv_sample(conv, length, trunk_rows, device), f"convolution {i}")
+              for i, (form, (conv, length)) in enumerate(zip(plan.draws.convs, _convolutions(model)))
+              if form in REDUCED_FORMS]
+    if plan.draws.head in REDUCED_FORMS:
+        layers.append((plan.draws.head, "head", _head_builder(model.linear_sequential[0]), _head_sample(model, device),
+                       "head"))
+    for form, kind, build, x, name in layers:
+        error = _error(build(form), build(_REFERENCE[kind]), x)
+        if error > REDUCED_TOLERANCE:
+            raise ValueError(f"the pinned plan's {name} in {form} computes wrongly on {device} "
+                             f"(relative error {error:.2g} against float32)")
+    return plan
 
 
 def _fastest_convs(model: ApogeeNet, device: torch.device, rows: int, choices: list, rule: tuple,
                    timings: dict) -> tuple[str, ...]:
     convs = []
     for index, (allowed, (conv, length)) in enumerate(zip(choices, _convolutions(model))):
-        def build(form: str, conv=conv):
-            return conv_as(conv, form)
-
-        def sample(conv=conv, length=length):
-            return torch.rand(rows, conv.in_channels, 1, length, device=device).contiguous(
-                memory_format=torch.channels_last)
-        convs.append(_choose(allowed, rule[index], build, sample, device, timings, ("conv", index)))
+        convs.append(_choose(allowed, rule[index], _conv_builder(conv),
+                             lambda conv=conv, length=length: _conv_sample(conv, length, rows, device),
+                             device, timings, ("conv", index)))
     return tuple(convs)
 
 
 def _fastest_head(model: ApogeeNet, device: torch.device, choices: tuple, rule: str, timings: dict) -> str:
-    first = model.linear_sequential[0]
-    return _choose(choices, rule, lambda form: InBFloat16(copy.deepcopy(first)) if form == "bf16" else first,
-                   lambda: torch.rand(HEAD_ROWS, model.sizes.channels[-1] * model.sizes.pooled_length, device=device),
+    return _choose(choices, rule, _head_builder(model.linear_sequential[0]), lambda: _head_sample(model, device),
                    device, timings, ("head",))
+
+
+def _conv_builder(conv: torch.nn.Module):
+    return lambda form: conv_as(conv, form)
+
+
+def _head_builder(first: torch.nn.Module):
+    return lambda form: InBFloat16(copy.deepcopy(first)) if form == "bf16" else first
+
+
+def _conv_sample(conv: torch.nn.Module, length: int, rows: int, device: torch.device) -> torch.Tensor:
+    return torch.rand(rows, conv.in_channels, 1, length, device=device).contiguous(memory_format=torch.channels_last)
+
+
+def _head_sample(model: ApogeeNet, device: torch.device) -> torch.Tensor:
+    return torch.rand(HEAD_ROWS, model.sizes.channels[-1] * model.sizes.pooled_length, device=device)
 
 
 def _choose(allowed, default: str, build, sample, device: torch.device, timings: dict, where: tuple) -> str:
     """The fastest of the ``allowed`` forms on input ``sample()``; nothing is timed when there is
-    no choice."""
+    no choice. A reduced-precision form that does not compute what float32 does (to bfloat16's
+    rounding) on this device is never chosen."""
     if len(allowed) == 1:
         return allowed[0]
     x = sample()
@@ -104,12 +141,26 @@ def _choose(allowed, default: str, build, sample, device: torch.device, timings:
                 module = build(form)
             except ValueError:  # e.g. a kernel too long for the FFT tile
                 continue
-            timings[(where, form)] = _time(module, x, device)
+            error = _error(module, build(_REFERENCE[where[0]]), x) if form in REDUCED_FORMS else 0.0
+            if error > REDUCED_TOLERANCE:
+                log.warning("%s computes %s wrongly on %s (relative error %.2g against float32): not used",
+                            form, " ".join(map(str, where)), device, error)
+                timings[(where, form)] = float("inf")
+            else:
+                timings[(where, form)] = _time(module, x, device)
         seconds[form] = timings[(where, form)]
     best = min(seconds, key=seconds.get)
     if default in seconds and seconds[default] <= seconds[best] * (1 + MARGIN):
         return default
     return best
+
+
+@torch.inference_mode()
+def _error(module: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor) -> float:
+    """``module``'s relative error against ``reference`` on ``x`` (norm of the difference over
+    the norm of the reference's output)."""
+    expected = reference(x).double()
+    return float((module(x).double() - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
 @torch.inference_mode()
