@@ -10,6 +10,11 @@ form is kept unless another is more than :data:`MARGIN` faster, so that noise do
 plan. Results are cached per process. ``engine.kernels: rules`` skips the measurement, and a
 plan's label pins it (``docs/deployment.md``: pods that must give bit-identical records for
 redelivered spectra should pin the same plan).
+
+A reduced-precision form is run once against float32 at its layer's shape before it is timed,
+and never used if it is off by more than :data:`REDUCED_TOLERANCE` (a pinned plan holding one is
+refused): numerical libraries have shapes they compute wrongly (torch 2.15's CPU bfloat16
+convolution on an AMX Xeon, for 8 input channels and kernel widths 8, 12 and 16).
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ def measured_plan(model: ApogeeNet, mode: PrecisionMode, device: torch.device, t
     """The plan of ``mode`` for ``model`` on ``device`` whose every layer took the least time.
     The convolutions are measured once for every mode (their allowed forms are the same in all,
     and the draws run the clean pass's), so fast mode reports exact mode's values bit for bit in
-    one process, as with fixed rules; a mode that reduces the draws has their head measured."""
+    one process, as with fixed rules; a mode that reduces the draws has their convolutions and
+    head measured too, starting from the clean pass's forms."""
     sizes = model.sizes
     network = (str(device), sizes, trunk_rows, fft, torch.get_num_threads())
     rule = mode.plan(device.type, sizes.channels, sizes.kernel_size, fft=fft)
