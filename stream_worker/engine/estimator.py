@@ -155,48 +155,44 @@ class Estimator:
             estimates += self._estimate_chunk(chunk_flux, chunk_ivar, ids[start : start + self.chunk_spectra], started)
         return estimates
 
-    def _on_device(self, flux: np.ndarray, ivar: Sequence[np.ndarray]):
-        """Each chunk's flux ``(n, L)`` and ivar rows as tensors on the engine's device, with the
-        time its work began. Only flux and ivar cross to the device: the draws are made there.
-        On a GPU the next chunk is copied (pinned buffers, one copy per dtype, a side stream)
-        while the current one computes; on a CPU the arrays are used in place."""
+    def _on_device(self, flux: np.ndarray, ivar: np.ndarray | Sequence[np.ndarray]):
+        """Each chunk's flux ``(n, L)`` and ivar (:func:`_ivar_through`) as tensors on the engine's
+        device, with the time its work began. Only flux and ivar cross to the device: the draws
+        are made there. On a GPU the next chunk is copied (pinned buffers, one copy per array, a
+        side stream) while the current one computes; on a CPU the arrays are used in place."""
         step = self.chunk_spectra
+        starts = range(0, len(flux), step)
         if self.device.type != "cuda":
-            for start in range(0, len(flux), step):
-                rows = [torch.from_numpy(_native(row)) for row in ivar[start : start + step]]
-                yield torch.from_numpy(_native(flux[start : start + step])), rows, time.perf_counter()
+            for start in starts:
+                yield (_host_tensor(flux[start : start + step]), _ivar_through(ivar[start : start + step], _host_tensor),
+                       time.perf_counter())
             return
         copies = torch.cuda.Stream(self.device)
 
         def stage(start: int):
             """Queues the chunk's copies on the side stream; returns its tensors and an event."""
-            chunk = [_native(row) for row in ivar[start : start + step]]
             with torch.cuda.stream(copies):
-                tensors = {"flux": _pinned(flux[start : start + step]).to(self.device, non_blocking=True)}
-                rows: list = [None] * len(chunk)
-                for dtype, indices in dtype_groups(chunk).items():
-                    group = _pinned(np.stack([chunk[i] for i in indices])).to(self.device, non_blocking=True)
-                    tensors[str(dtype)] = group
-                    for j, i in enumerate(indices):
-                        rows[i] = group[j]
+                def to_device(array: np.ndarray) -> torch.Tensor:
+                    return _pinned(array).to(self.device, non_blocking=True)
+                chunk_flux = to_device(flux[start : start + step])
+                chunk_ivar = _ivar_through(ivar[start : start + step], to_device)
                 ready = torch.cuda.Event()
                 ready.record(copies)
-            return tensors, rows, ready
+            return chunk_flux, chunk_ivar, ready
 
-        starts = list(range(0, len(flux), step))
         staged = stage(starts[0]) if starts else None
         for k, _ in enumerate(starts):
-            tensors, rows, ready = staged
+            chunk_flux, chunk_ivar, ready = staged
             started = time.perf_counter()
             if k + 1 < len(starts):
                 staged = stage(starts[k + 1])  # runs on the side stream while this chunk computes
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(ready)
-            for tensor in tensors.values():
+            for tensor in [chunk_flux, *(chunk_ivar if isinstance(chunk_ivar, list) else [chunk_ivar])]:
                 tensor.record_stream(compute)  # allocated on the side stream, used on this one
-            yield tensors["flux"], rows, started
+            yield chunk_flux, chunk_ivar, started
 
-    def _estimate_chunk(self, flux: torch.Tensor, ivar: list[torch.Tensor], ids: list[str],
+    def _estimate_chunk(self, flux: torch.Tensor, ivar: torch.Tensor | list[torch.Tensor], ids: list[str],
                         started: float) -> list[Estimate]:
         outcomes: dict[int, tuple | BaseException] = {}
         outcomes.update(self._run_blocks(*self._input_blocks(flux, ivar, ids, outcomes)))
@@ -211,7 +207,7 @@ class Estimator:
                 estimates.append(measured(spectrum_id, *outcome, self.card, seconds))
         return estimates
 
-    def _input_blocks(self, flux: torch.Tensor, ivar: list[torch.Tensor], ids: list[str],
+    def _input_blocks(self, flux: torch.Tensor, ivar: torch.Tensor | list[torch.Tensor], ids: list[str],
                       failures: dict[int, BaseException]) -> tuple[list[int], torch.Tensor]:
         """The spectra that could be prepared and their rows ``(n, 1 + num_draws, 1, L)`` on the
         engine's device: per spectrum the clean input first, then the noisy ones, its noise drawn
@@ -223,8 +219,10 @@ class Estimator:
             for row, i in zip(rows, indices):
                 if self.num_draws:
                     noise_draws(ids[i], self.seed, self.num_draws, flux.shape[-1], out=row[1:])
-            chunk = flux if len(indices) == len(flux) else flux[indices]  # all of them: no copy
-            return input_rows(chunk, [ivar[i] for i in indices], rows).unsqueeze(2)
+            if len(indices) == len(flux):  # all of them: no copy
+                return input_rows(flux, ivar, rows).unsqueeze(2)
+            chunk_ivar = ivar[indices] if isinstance(ivar, torch.Tensor) else [ivar[i] for i in indices]
+            return input_rows(flux[indices], chunk_ivar, rows).unsqueeze(2)
 
         indices = list(range(len(ids)))
         try:
@@ -287,6 +285,27 @@ class Estimator:
         return unnormalise(torch.cat(outputs).cpu(), self.card)
 
 
+def _ivar_through(chunk: np.ndarray | Sequence[np.ndarray], to_tensor) -> torch.Tensor | list[torch.Tensor]:
+    """A chunk's ivar through ``to_tensor`` (a host array to a tensor on the device): an ``(n, L)``
+    array, or rows of one dtype, as one tensor; rows of several dtypes as one stack per dtype,
+    each row a view of its stack, so no row is converted to another precision and each stack
+    crosses once."""
+    groups = dtype_groups(chunk) if not isinstance(chunk, np.ndarray) else {}
+    if len(groups) <= 1:
+        return to_tensor(np.asarray(chunk))
+    rows: list = [None] * len(chunk)
+    for indices in groups.values():
+        stack = to_tensor(np.stack([chunk[i] for i in indices]))
+        for j, i in enumerate(indices):
+            rows[i] = stack[j]
+    return rows
+
+
+def _host_tensor(array) -> torch.Tensor:
+    """``array`` as a CPU tensor sharing its memory where its layout allows."""
+    return torch.from_numpy(_native(array))
+
+
 def _native(array) -> np.ndarray:
     """``array`` contiguous in the machine's byte order (FITS data is big-endian), its dtype kept."""
     array = np.asarray(array)
@@ -295,4 +314,4 @@ def _native(array) -> np.ndarray:
 
 def _pinned(array: np.ndarray) -> torch.Tensor:
     """A page-locked copy of ``array``, so its copy to the GPU runs asynchronously."""
-    return torch.from_numpy(_native(array)).pin_memory()
+    return _host_tensor(array).pin_memory()

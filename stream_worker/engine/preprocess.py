@@ -80,13 +80,17 @@ def dtype_groups(rows: Sequence) -> dict:
     return groups
 
 
-def errors_of(flux: torch.Tensor, ivar_rows: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``errors_from_ivar`` for rows that may differ in dtype: each dtype's rows together, never
-    converted to a common dtype, so a spectrum's error has the same bits whatever its companions."""
+def errors_of(flux: torch.Tensor, ivar) -> torch.Tensor:
+    """``errors_from_ivar`` for an ``(N, L)`` ivar array or tensor (one dtype), or for ``N`` rows
+    that may differ in dtype: each dtype's rows together, never converted to a common dtype, so a
+    spectrum's error has the same bits whatever its companions."""
+    if isinstance(ivar, (torch.Tensor, np.ndarray)) and ivar.ndim == 2:
+        return errors_from_ivar(flux, torch.as_tensor(ivar, device=flux.device))
+    rows = [torch.as_tensor(row, device=flux.device) for row in ivar]
     error = torch.empty(flux.shape, dtype=torch.float32, device=flux.device)
-    for indices in dtype_groups(ivar_rows).values():
+    for indices in dtype_groups(rows).values():
         index = torch.tensor(indices, device=flux.device)
-        error[index] = errors_from_ivar(flux[index], torch.stack([ivar_rows[i] for i in indices]))
+        error[index] = errors_from_ivar(flux[index], torch.stack([rows[i] for i in indices]))
     return error
 
 
@@ -171,14 +175,15 @@ def input_rows(flux, ivar, rows: torch.Tensor) -> torch.Tensor:
     """Fills ``rows`` ``(N, 1 + D, L)`` float32 with the network's inputs, in place: on entry
     ``rows[:, 1:]`` holds each spectrum's standard normal draws, on return ``rows[:, 0]`` its
     clean input and ``rows[:, 1:]`` its noisy ones, ``flux + error * noise`` in linear flux, log
-    scaled together per spectrum. ``flux`` ``(N, L)``; ``ivar``: ``N`` rows, each in its own dtype.
+    scaled together per spectrum. ``flux`` ``(N, L)``; ``ivar``: ``(N, L)``, or ``N`` rows each in
+    its own dtype.
     One buffer for all of it: the draws of a 64-spectrum chunk are 44 MB, and each temporary
     of that size costs a fresh allocation and a pass."""
     flux32 = clean_flux(flux)
     rows[:, 0] = flux32
     log_scale_(rows[:, 0])
     if rows.shape[1] > 1:
-        error = errors_of(flux32, [torch.as_tensor(row, device=flux32.device) for row in ivar])
+        error = errors_of(flux32, ivar)
         noisy = rows[:, 1:]
         noisy.mul_(error[:, None, :]).add_(flux32[:, None, :])  # = flux + error * noise, bit for bit
         log_scale_(noisy, dims=2)
