@@ -91,15 +91,32 @@ def test_short_kernels_and_narrow_channels_stay_direct():
     (3, 5, 8, 4, 1000, 32),       # a tile that does not divide the output; small kernel
     (2, 2, 30, 15, 31, 64),       # an input shorter than one tile
 ])
-def test_fft_convolution_equals_the_direct_sum(in_channels, out_channels, taps, padding, length, tile):
+@pytest.mark.parametrize("rows", [2, 3])  # rounds of 2 rows (CPUs) and all 3 in one (GPUs)
+def test_fft_convolution_equals_the_direct_sum(in_channels, out_channels, taps, padding, length, tile, rows):
     torch.manual_seed(4)
     conv = torch.nn.Conv2d(in_channels, out_channels, (1, taps), padding=(0, padding))
     x = torch.randn(3, in_channels, 1, length)
     with torch.inference_mode():
         expected = conv(x)
-        got = SpectralConv(conv, tile, rows=2)(x.contiguous(memory_format=torch.channels_last))
+        got = SpectralConv(conv, tile, rows=rows)(x.contiguous(memory_format=torch.channels_last))
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=2e-6 * expected.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("device, rounds", [("cpu", 32), ("meta", 1)])
+def test_fft_convolution_takes_a_gpu_trunk_pass_in_one_round(monkeypatch, device, rounds):
+    """CPUs keep 2 rows per round in cache; on any other device a 64-row trunk pass in 2-row
+    rounds would be 32 rounds of small kernel launches per convolution (``meta`` stands in for a
+    GPU: shapes without arithmetic)."""
+    conv = torch.nn.Conv2d(8, 16, (1, 30), padding=(0, 15), device=device)
+    spectral = SpectralConv(conv)
+    calls = []
+    rfft = torch.fft.rfft
+    monkeypatch.setattr(torch.fft, "rfft", lambda *args, **kwargs: calls.append(1) or rfft(*args, **kwargs))
+    with torch.inference_mode():
+        out = spectral(torch.empty(64, 8, 1, 1000, device=device))
+    assert out.shape == (64, 16, 1, 1001)
+    assert len(calls) == rounds
 
 
 def test_fft_tile_must_exceed_the_kernel():

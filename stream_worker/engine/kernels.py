@@ -35,26 +35,30 @@ def fold_conv(conv: nn.Conv1d, bn: nn.BatchNorm1d) -> nn.Conv2d:
     return folded.to(memory_format=torch.channels_last)
 
 
-# Tiles of 256 samples (227 outputs each) and 2 spectra per pass, so that a pass's spectra stay in
-# cache, were fastest (2-core AVX-512 EPYC).
+# Tiles of 256 samples (227 outputs each) and 2 spectra per round, so that a round's spectra stay
+# in cache, were fastest on CPUs (2-core AVX-512 EPYC). Other devices take all rows in one round:
+# a GPU's 64-row trunk pass in 2-row rounds would be 32 rounds of 8 small kernel launches per
+# convolution, bound by launch overhead instead of arithmetic.
 SPECTRAL_TILE = 256
-SPECTRAL_ROWS = 2
+SPECTRAL_ROWS = {"cpu": 2}
 
 
 class SpectralConv(nn.Module):
     """A folded ``(1 x k)`` convolution computed by FFT, overlap-save: the padded input is cut
     into overlapping tiles of ``tile`` samples, each gives ``tile - k + 1`` outputs, and the
     channel mixing is one complex matrix product per frequency over all tiles of ``rows``
-    spectra. Float32 throughout; agrees with the direct sum to float32 rounding. Takes
+    spectra (by default :data:`SPECTRAL_ROWS` of the weights' device, else all rows in one
+    round). Float32 throughout; agrees with the direct sum to float32 rounding. Takes
     ``(B, C, 1, L)`` in any memory format and returns ``(B, C_out, 1, L_out)``."""
 
-    def __init__(self, conv: nn.Conv2d, tile: int = SPECTRAL_TILE, rows: int = SPECTRAL_ROWS) -> None:
+    def __init__(self, conv: nn.Conv2d, tile: int = SPECTRAL_TILE, rows: int | None = None) -> None:
         super().__init__()
         kernel = conv.weight.detach().float().squeeze(2)  # (out, in, k)
         self.out_channels, _, self.taps = kernel.shape
         if tile <= self.taps:
             raise ValueError(f"FFT tile {tile} must exceed the kernel ({self.taps} taps)")
-        self.tile, self.rows = tile, rows
+        self.tile = tile
+        self.rows = rows or SPECTRAL_ROWS.get(conv.weight.device.type)  # None: all rows at once
         self.padding = conv.padding[1]
         # cross-correlation = convolution with the reversed kernel; (frequencies, in, out) for bmm
         spectrum = torch.fft.rfft(torch.flip(kernel, [-1]), n=tile)
@@ -69,8 +73,9 @@ class SpectralConv(nn.Module):
         tiles = -(-out_length // valid)
         right = tiles * valid + self.taps - 1 - length - self.padding
         out = x.new_empty(batch, self.out_channels, tiles * valid)
-        for first in range(0, batch, self.rows):
-            part = F.pad(x[first : first + self.rows], (self.padding, right)).unfold(-1, self.tile, valid)
+        step = self.rows or max(batch, 1)
+        for first in range(0, batch, step):
+            part = F.pad(x[first : first + step], (self.padding, right)).unfold(-1, self.tile, valid)
             spectra = torch.fft.rfft(part)  # (rows, C, T, F)
             rows, channels, _, frequencies = spectra.shape
             mixed = torch.bmm(spectra.permute(3, 0, 2, 1).reshape(frequencies, rows * tiles, channels),
