@@ -153,6 +153,24 @@ def test_chunking_does_not_change_results(tiny_model, spectra, records):
         assert_identical(a, b)
 
 
+@pytest.mark.parametrize("model", ["plain", "explodes"])
+def test_chunks_queued_ahead_as_on_a_gpu_give_the_same_records_in_order(tiny_model, spectra, model):
+    """On a GPU each chunk is summarised only after the next one is queued: no result may move,
+    go missing or land on another spectrum, a failing spectrum's included."""
+    flux, ivar = (a.copy() for a in spectra)
+    flux[2, 400] = 1500.0  # what Explodes fails on
+    network = tiny_model if model == "plain" else Explodes(tiny_model)
+    ids = [f"s{i}" for i in range(5)]
+    at_once = Estimator(network, num_draws=20, seed=5, chunk_spectra=2)
+    ahead = Estimator(network, num_draws=20, seed=5, chunk_spectra=2)
+    ahead.chunks_ahead = 1
+    expected, got = records_of(at_once, flux, ivar, ids), records_of(ahead, flux, ivar, ids)
+    assert [r["spectrum_id"] for r in got] == ids
+    for a, b in zip(got, expected):
+        assert_identical(a, b)
+    assert (got[2]["result_flags"] == ResultFlags.RUNTIME_EXCEPTION) == (model == "explodes")
+
+
 def test_same_spectrum_same_uncertainties_on_redelivery(tiny_model, spectra):
     flux, ivar = spectra
     first = records_of(Estimator(tiny_model, seed=5), flux[:1], ivar[:1], ["x"])[0]
