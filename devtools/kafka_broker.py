@@ -202,10 +202,16 @@ class ServiceProcess:
         self.send_signal(signal.SIGKILL)
         self._proc.wait()
 
+    @property
+    def process_group(self) -> int:
+        """The id of the service's process group (its own session), which signals go to."""
+        assert self._proc is not None
+        return self._proc.pid
+
     def send_signal(self, sig: signal.Signals) -> None:
         assert self._proc is not None
         try:
-            os.killpg(self._proc.pid, sig)
+            os.killpg(self.process_group, sig)
         except ProcessLookupError:
             pass
 
@@ -289,6 +295,11 @@ class LocalService:
 
     def thaw(self) -> None:
         self._process.send_signal(signal.SIGCONT)
+
+    @property
+    def process_group(self) -> int:
+        """Where a fault injected from another process sends its signals (``freeze``'s target)."""
+        return self._process.process_group
 
     def serve(self, banner: str) -> None:
         """Command-line use: prints ``banner`` (how to connect), then runs until Ctrl-C or until

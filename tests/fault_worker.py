@@ -6,6 +6,11 @@ FAULT_KILL_AT_SEND=N     SIGKILL itself at the N-th message handed to the produc
                          of publishing a batch (the ones after it still in the engine or collected).
 FAULT_SLOW_BATCH_S=S     the first batch spends S extra seconds in the engine (a hung batch).
 FAULT_ENGINE_DELAY_S=S   every batch spends S extra seconds in the engine (so batches queue up).
+FAULT_FREEZE_BROKER=PID:CLASS.METHOD:N:S   SIGSTOP the broker (process group PID) for S seconds
+                         just before kafka-python's N-th call of CLASS.METHOD, a class of
+                         kafka.producer.transaction_manager (``TransactionManager.begin_commit``,
+                         ``TxnOffsetCommitHandler.__init__``...): the request it makes then reaches
+                         a broker that carries it out only after its client has given up on it.
 
 Before a SIGKILL it logs how many batches were in flight and at which stage.
 """
@@ -13,9 +18,11 @@ Before a SIGKILL it logs how many batches were in flight and at which stage.
 import os
 import signal
 import sys
+import threading
 import time
 
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.producer import transaction_manager
 
 from stream_worker.cli import main
 from stream_worker.streaming import batch as pipeline
@@ -65,6 +72,23 @@ if kill_at_commit:
     kill_before(KafkaConsumer, "commit", "commit", kill_at_commit)
 if kill_at_send:
     kill_before(KafkaProducer, "send", "send", kill_at_send)
+
+freeze_broker = os.environ.get("FAULT_FREEZE_BROKER", "")
+if freeze_broker:
+    broker_group, call, at, seconds = freeze_broker.split(":")
+    frozen_class, method = call.split(".")
+    frozen_class = getattr(transaction_manager, frozen_class)
+    real_call = getattr(frozen_class, method)
+
+    def frozen_call(self, *args, **kwargs):
+        counts[call] = counts.get(call, 0) + 1
+        if counts[call] == int(at):
+            print(f"fault: broker frozen for {seconds} s at {call} {at}", file=sys.stderr, flush=True)
+            os.killpg(int(broker_group), signal.SIGSTOP)
+            threading.Timer(float(seconds), os.killpg, (int(broker_group), signal.SIGCONT)).start()
+        return real_call(self, *args, **kwargs)
+
+    setattr(frozen_class, method, frozen_call)
 
 if slow_seconds or delay_seconds:
     real_infer = pipeline.Pipeline.infer

@@ -117,6 +117,35 @@ def test_exactly_once_recovers_by_itself_when_the_transaction_coordinator_fails(
     assert worker.terminate() == 0
 
 
+@pytest.mark.parametrize("batches_in_flight", [2])
+@pytest.mark.parametrize("request_lost, outcome", [
+    ("TransactionManager.begin_commit", "the transaction that failed was committed after all"),
+    ("TxnOffsetCommitHandler.__init__", "the batches in flight are done again"),
+], ids=["end-of-transaction", "offsets"])
+def test_exactly_once_when_a_transaction_request_is_carried_out_after_its_client_gave_up(
+        restartable_kafka, worker_factory, request_lost, outcome):
+    """The broker freezes just as the worker sends a transaction's end (or its offsets) and
+    thaws after the request timed out: the broker then carries the request out with nobody
+    waiting for its answer. The worker cannot know whether its batch was committed: its new
+    producer settles the transaction, and it resumes from what the group committed. The end
+    reached the coordinator, so the batch is committed and must not be published again; the
+    offsets never were, so the batch is aborted and done again. Either way, each input has one
+    committed result."""
+    broker = restartable_kafka
+    topics = Topics().create(broker)
+    ids = produce_spectra(broker.bootstrap, topics.input, 160, "lost-answer")
+    worker = worker_factory(broker, topics, module="tests.fault_worker", kafka__delivery="exactly_once",
+                            kafka__request_timeout_ms=3000, kafka__transactional_id=f"{topics.group}-tx",
+                            batching__max_spectra=8, worker__commit_timeout_seconds=5, engine__num_draws=20,
+                            extra_env={"FAULT_FREEZE_BROKER": f"{broker.process_group}:{request_lost}:3:10"})
+    out = ids_of(consume(broker.bootstrap, topics.output, 160, timeout=180, read_committed=True, settle=3))
+    assert sorted(out) == sorted(ids)  # each exactly once
+    log = worker.tail(3000)
+    assert f"broker frozen for 10 s at {request_lost} 3" in log and "replacing it" in log
+    assert outcome in log
+    assert worker.terminate() == 0
+
+
 def test_kill_after_publishing_before_committing(kafka_broker, worker_factory):
     topics = Topics().create(kafka_broker)
     ids = produce_spectra(kafka_broker.bootstrap, topics.input, 60, "precommit")

@@ -7,6 +7,7 @@ one thread the engine was built on."""
 
 from __future__ import annotations
 
+import logging
 import operator
 import threading
 import time
@@ -469,7 +470,8 @@ class TransactionalProducer(FakeProducer):
         self.closed = True
 
 
-def test_a_producer_left_unable_to_end_a_transaction_is_replaced_and_the_batch_redone(monkeypatch):
+def test_a_producer_left_unable_to_end_a_transaction_is_replaced_and_the_batch_redone(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="stream_worker")
     monkeypatch.setattr(worker_module, "RETRY_BACKOFF_SECONDS", 0.0)
     wedged, replacements = TransactionalProducer(wedged=True), []
 
@@ -485,9 +487,10 @@ def test_a_producer_left_unable_to_end_a_transaction_is_replaced_and_the_batch_r
     assert wedged.closed and len(replacements) == 1 and worker.checkpoint.producer is replacements[0]
     assert [c[PARTITION] for c in replacements[0].committed] == [4, 8]  # the failed batch redone, then the next
     assert worker.metrics.producer_replacements._value.get() == 1
+    assert "the batches in flight are done again" in caplog.text and "committed after all" not in caplog.text
 
 
-def test_a_transaction_that_committed_although_its_end_failed_is_not_redone(monkeypatch):
+def test_a_transaction_that_committed_although_its_end_failed_is_not_redone(monkeypatch, caplog):
     """The transaction's end reached the coordinator but its answer was lost: the batch is
     committed. After the replacement the worker resumes from the group's committed offsets, not
     from its own record, so the batch is not published a second time."""
@@ -512,6 +515,7 @@ def test_a_transaction_that_committed_although_its_end_failed_is_not_redone(monk
     assert (PARTITION, 4) in consumer.seeks
     assert [c[PARTITION] for c in replacements[0].committed] == [8]  # only the second batch
     assert len(replacements[0].sent) == 4
+    assert f"committed after all: {PARTITION.topic}[{PARTITION.partition}] at 4 resume past it" in caplog.text
 
 
 def test_without_a_way_to_replace_the_producer_the_worker_exits_non_zero(monkeypatch):

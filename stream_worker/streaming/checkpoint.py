@@ -174,10 +174,10 @@ class Checkpoint:
         for tp, offset in positions.items():
             self.consumer.seek(tp, offset)
 
-    def rewind(self, held: list = ()) -> None:
+    def rewind(self, held: list = ()) -> dict[TopicPartition, int]:
         """Gives up every open batch (and the messages ``held`` for the next): aborts the
         transaction (exactly-once) and seeks each partition back to its first uncommitted
-        message, so the same messages are consumed again."""
+        message, so the same messages are consumed again. Returns those offsets."""
         if self.exactly_once and self.in_transaction:
             try:
                 self._transactional("abort_transaction")
@@ -194,7 +194,8 @@ class Checkpoint:
         for message in held:
             first.setdefault(TopicPartition(message.topic, message.partition), message.offset)
         assigned = self.consumer.assignment()
+        first = {tp: offset for tp, offset in first.items() if tp in assigned}
         for tp, offset in first.items():
-            if tp in assigned:
-                self.consumer.seek(tp, offset)
+            self.consumer.seek(tp, offset)
         self.open.clear()
+        return first

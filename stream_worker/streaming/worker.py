@@ -382,12 +382,12 @@ class Worker:
                           stage, type(exc).__name__, exc)
             self.metrics.batch_failures.labels(stage=stage).inc()
             self.progress.failed()
-            self._rewind()
+            rewound = self._rewind()
             if self.checkpoint.unusable:
-                self._replace_producer()
+                self._replace_producer(rewound)
             time.sleep(RETRY_BACKOFF_SECONDS)
 
-    def _replace_producer(self) -> None:
+    def _replace_producer(self, rewound: dict[TopicPartition, int]) -> None:
         """kafka-python leaves a transactional producer that could not end a transaction (a
         coordinator lost mid-commit) in an error state for good: every later batch would fail
         while the process looks healthy. A new producer with the same transactional id fences the
@@ -405,18 +405,28 @@ class Worker:
         deadline = time.monotonic() + self.config.worker.producer_rebuild_seconds
         self.checkpoint.replace_producer(self._retry_until(deadline, reason, "making a new producer", self.new_producer))
         self.metrics.producer_replacements.inc()
-        self._retry_until(deadline, reason, "reading the committed offsets", self._seek_to_committed)
-        log.info("a new transactional producer took over; the batches in flight are done again")
+        committed = self._retry_until(deadline, reason, "reading the committed offsets", self._seek_to_committed)
+        after_all = {tp: offset for tp, offset in committed.items() if offset > rewound.get(tp, offset)}
+        if after_all:
+            log.warning("a new transactional producer took over; the transaction that failed was committed after "
+                        "all: %s resume past it", ", ".join(f"{tp.topic}[{tp.partition}] at {offset}"
+                                                                 for tp, offset in sorted(after_all.items())))
+        else:
+            log.info("a new transactional producer took over; the batches in flight are done again")
 
-    def _seek_to_committed(self) -> None:
+    def _seek_to_committed(self) -> dict[TopicPartition, int]:
         """The transaction that failed may have been committed after all (its end reached the
         coordinator, the answer did not come back); the new producer's initialisation settled it
         one way or the other. So every partition resumes from the offsets the group has committed,
-        not from the worker's own record, which would publish a committed batch twice."""
+        not from the worker's own record, which would publish a committed batch twice. Returns
+        those offsets."""
+        committed = {}
         for tp in self.consumer.assignment():
             offset = self.consumer.committed(tp, timeout_ms=self.config.kafka.request_timeout_ms)
             if offset is not None:
                 self.consumer.seek(tp, offset)
+                committed[tp] = offset
+        return committed
 
     def _retry_until(self, deadline: float, reason: str, what: str, action: Callable[[], object]):
         """``action()``, again after each failure until ``deadline`` (then ProducerUnusable)."""
@@ -433,15 +443,16 @@ class Worker:
                 log.error("%s failed (%s: %s); trying again", what, type(exc).__name__, exc)
                 time.sleep(RETRY_BACKOFF_SECONDS)
 
-    def _rewind(self) -> None:
+    def _rewind(self) -> dict[TopicPartition, int]:
         """Abandons every batch in flight and the messages in hand; the consumer goes back to the
-        first uncommitted message of each partition. An abandoned batch still in the engine ends
-        there unheeded."""
-        self.checkpoint.rewind(self.pending)
+        first uncommitted message of each partition (returned). An abandoned batch still in the
+        engine ends there unheeded."""
+        rewound = self.checkpoint.rewind(self.pending)
         self._unfinish()
         self.batches.clear()
         self.pending, self.collect_deadline = [], None
         self._show_in_flight()
+        return rewound
 
     def _count(self, batch: Batch) -> None:
         now = time.time()
