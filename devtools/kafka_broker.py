@@ -203,15 +203,15 @@ class ServiceProcess:
         self._proc.wait()
 
     @property
-    def process_group(self) -> int:
-        """The id of the service's process group (its own session), which signals go to."""
+    def pid(self) -> int:
+        """The service's process, which leads a process group (a session) of its own."""
         assert self._proc is not None
         return self._proc.pid
 
     def send_signal(self, sig: signal.Signals) -> None:
         assert self._proc is not None
         try:
-            os.killpg(self.process_group, sig)
+            os.killpg(self.pid, sig)
         except ProcessLookupError:
             pass
 
@@ -299,7 +299,7 @@ class LocalService:
     @property
     def process_group(self) -> int:
         """Where a fault injected from another process sends its signals (``freeze``'s target)."""
-        return self._process.process_group
+        return self._process.pid
 
     def serve(self, banner: str) -> None:
         """Command-line use: prints ``banner`` (how to connect), then runs until Ctrl-C or until

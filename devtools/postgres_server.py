@@ -111,6 +111,17 @@ class LocalPostgres(LocalService):
                     raise self._error(f"cannot log in at 127.0.0.1:{self.port} after {timeout:.0f}s: {exc}") from exc
             time.sleep(0.1)
 
+    def freeze(self) -> None:
+        """Every server process stops answering (SIGSTOP), the postmaster first so that it starts
+        no other: each backend runs in a session of its own, so the process group's signal would
+        stop only the postmaster while open connections went on being served."""
+        for pid in [self._process.pid, *_children(self._process.pid)]:
+            _signal(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in [*_children(self._process.pid), self._process.pid]:
+            _signal(pid, signal.SIGCONT)
+
     def __exit__(self, *exc_info) -> None:
         super().__exit__(*exc_info)
         if self._home is not None and self._home != self.data_dir:
@@ -147,6 +158,26 @@ class LocalPostgres(LocalService):
         return ServiceError(f"{message}\n{log_tail(self._process.log_path)}")
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devtools.postgres_server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,3 +193,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -132,6 +132,8 @@ class SinkConfig:
     max_rows: int = 500
     connect_timeout_seconds: float = 10.0
     retry_max_seconds: float = 30.0
+    ready_stall_seconds: float = 120.0
+    live_stall_seconds: float = 300.0
 
 
 @dataclass
@@ -185,6 +187,7 @@ POSITIVE = {
     "engine.num_threads", "inputs.max_message_bytes", "worker.shutdown_grace_seconds", "worker.poll_timeout_ms",
     "worker.max_batches_in_flight", "worker.producer_rebuild_seconds",
     "worker.commit_timeout_seconds", "worker.ready_stall_seconds", "worker.live_stall_seconds", "sink.max_rows", "sink.connect_timeout_seconds", "sink.retry_max_seconds",
+    "sink.ready_stall_seconds", "sink.live_stall_seconds",
 }
 SECRET_KEYS = {"sasl_password", "password", "ssl_password"}
 
@@ -320,6 +323,10 @@ def _check_sink(sink: SinkConfig) -> None:
     if "password" in options:
         raise ConfigError(f"sink.database: holds a password; secrets do not belong in the config file: "
                           f"set {SINK_PASSWORD_ENV} or sink.password_file")
+    if sink.live_stall_seconds <= max(sink.ready_stall_seconds, sink.retry_max_seconds, sink.connect_timeout_seconds):
+        raise ConfigError("sink.live_stall_seconds: must exceed sink.ready_stall_seconds, sink.retry_max_seconds and "
+                          "sink.connect_timeout_seconds (liveness must not restart a sink that is still waiting out "
+                          "a retry pause or a connection attempt)")
 
 
 def _check_kernels(value: str) -> None:

@@ -1,18 +1,26 @@
-"""Readiness and liveness that tell the truth: a worker whose batches keep failing turns unready,
-then not live (so that Kubernetes restarts it), and both recover once a batch is committed. Unit
-level with a fake clock; the real-broker version is in test_reliability.py."""
+"""Readiness and liveness that tell the truth: a worker whose batches keep failing, or a sink whose
+transactions fail or hang, turns unready, then not live (so that Kubernetes restarts it), and both
+recover once a batch is committed. Unit level with a fake clock; the real-broker versions are in
+test_reliability.py and test_sink_kafka.py."""
 
 from __future__ import annotations
 
+import contextlib
 import urllib.error
 import urllib.request
 
 import pytest
+from kafka.structs import TopicPartition
 
 from stream_worker.config import ConfigError, load_config
+from stream_worker.io.serializers import serializer
+from stream_worker.sink.loop import Sink
+from stream_worker.sink.metrics import SinkMetrics
+from stream_worker.sink.rows import RowReader
 from stream_worker.streaming import worker as worker_module
 from stream_worker.streaming.metrics import HealthServer, Metrics
 from stream_worker.streaming.progress import Progress
+from tests.results import message_of, result_record
 from tests.test_worker_loop import FakeConsumer, FakeProducer, SlowPipeline, committed, messages, run_until, worker_with
 
 
@@ -107,6 +115,111 @@ def test_a_worker_replacing_its_producer_is_not_ready():
                                      "KafkaError: error state)")
 
 
+RESULTS = TopicPartition("apogee.results", 0)
+
+
+class ResultsConsumer(FakeConsumer):
+    """The results topic as the sink reads it: its lag is what remains unread."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__([message_of(result_record(f"s{i}"), offset=i) for i in range(count)], partitions=(RESULTS,))
+
+    def end_offsets(self, partitions, timeout_ms=None) -> dict:
+        return {tp: len(self.log.get(tp, [])) for tp in partitions}
+
+    def position(self, partition, timeout_ms=None):
+        return self.positions.get(partition, 0)
+
+    def commit_async(self, offsets) -> None:
+        pass
+
+
+class ResultStoreDouble:
+    """Stores nothing; ``failing`` makes every transaction raise, ``during`` runs inside each one
+    (what the health server's thread sees while the main thread is in the database)."""
+
+    def __init__(self) -> None:
+        self.failing = False
+        self.during = lambda: None
+        self.stored: list = []
+
+    def offsets(self, topic) -> dict:
+        return {}
+
+    @contextlib.contextmanager
+    def transaction(self):
+        if self.failing:
+            raise OSError("server closed the connection unexpectedly")
+        yield self
+
+    def upsert(self, rows) -> list:
+        self.during()
+        self.stored += rows
+        return []
+
+    def advance(self, offsets) -> None:
+        pass
+
+
+def sink_with(consumer, store, clock) -> Sink:
+    config = load_config(None, {"STREAM_WORKER__SINK__RETRY_MAX_SECONDS": "0.001", "STREAM_WORKER__SINK__MAX_ROWS": "4"})
+    sink = Sink(config, RowReader(serializer("json").decode), store, consumer, FakeProducer(), SinkMetrics(),
+                lambda: None)
+    sink.progress = Progress(clock)
+    sink.on_assigned([RESULTS])
+    return sink
+
+
+def test_a_sink_whose_transactions_keep_failing_turns_unready_then_not_live_and_recovers():
+    clock, store = Clock(), ResultStoreDouble()
+    sink = sink_with(ResultsConsumer(8), store, clock)
+    store.failing = True
+    sink.step()
+    sink.step()
+    assert sink.ready() == (False, "storing failed: OSError: server closed the connection unexpectedly")
+    assert sink.live() == (True, "ok")
+    clock.now += 301
+    ok, why = sink.live()
+    assert not ok and why.startswith("no batch committed for 301 s while") and "sink.live_stall_seconds = 300 s" in why
+    store.failing = False
+    sink.step()
+    sink.step()
+    assert len(store.stored) == 8
+    assert sink.ready() == (True, "ready") and sink.live() == (True, "ok")
+
+
+def test_a_sink_hung_in_a_transaction_turns_unready_then_not_live():
+    """A database that accepts connections but no longer answers: the main thread waits in the
+    transaction and nothing fails, so only the clock can tell."""
+    clock, store, seen = Clock(), ResultStoreDouble(), []
+
+    def hang():
+        for seconds in (121, 180):
+            clock.now += seconds
+            seen.append((sink.ready(), sink.live()))
+    store.during = hang
+    sink = sink_with(ResultsConsumer(4), store, clock)
+    sink.step()
+    (ready_121, live_121), (ready_301, live_301) = seen
+    assert ready_121 == (False, "no batch committed for 121 s while 4 messages wait (sink.ready_stall_seconds = 120 s)")
+    assert live_121 == (True, "ok")
+    assert live_301 == (False, "no batch committed for 301 s while 4 messages wait (sink.live_stall_seconds = 300 s)")
+    assert sink.ready() == (True, "ready") and sink.live() == (True, "ok")  # it came back and committed
+
+
+def test_an_idle_sink_or_one_without_partitions_is_never_stalled():
+    clock = Clock()
+    sink = sink_with(ResultsConsumer(0), ResultStoreDouble(), clock)
+    sink.step()
+    clock.now += 1000
+    assert sink.ready() == (True, "ready") and sink.live() == (True, "ok")
+    sink.lag = 50  # results were waiting when every partition went to another sink
+    sink.on_revoked([RESULTS])
+    sink.step()
+    clock.now += 1000
+    assert sink.live() == (True, "ok") and sink.progress.stalled_seconds() == 0
+
+
 def get(port: int, path: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
@@ -135,4 +248,14 @@ def test_the_probes_answer_503_with_the_reason():
 ])
 def test_liveness_must_outlast_what_the_worker_waits_out_by_itself(settings):
     with pytest.raises(ConfigError, match="^worker.live_stall_seconds: must exceed"):
+        load_config(None, settings)
+
+
+@pytest.mark.parametrize("settings", [
+    {"STREAM_WORKER__SINK__LIVE_STALL_SECONDS": "100"},  # below ready_stall_seconds (120)
+    {"STREAM_WORKER__SINK__RETRY_MAX_SECONDS": "300"},
+    {"STREAM_WORKER__SINK__CONNECT_TIMEOUT_SECONDS": "600"},
+])
+def test_liveness_must_outlast_what_the_sink_waits_out_by_itself(settings):
+    with pytest.raises(ConfigError, match="^sink.live_stall_seconds: must exceed"):
         load_config(None, settings)

@@ -1,9 +1,11 @@
 """``stream-worker sink`` processes against the real broker and the real PostgreSQL server:
-every result stored once, through SIGKILLs and a database outage; bad records dead-lettered."""
+every result stored once, through SIGKILLs, a database outage and a database that stops
+answering; bad records dead-lettered."""
 
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 from kafka import KafkaProducer
@@ -11,6 +13,7 @@ from kafka import KafkaProducer
 from devtools.kafka_broker import local_topic_config
 from devtools.postgres_server import LocalPostgres
 from devtools.worker_process import WorkerProcess
+from stream_worker.sink.loop import POLL_TIMEOUT_MS
 from tests.results import WEIGHTS_B, encoded, later, result_record
 from tests.services import unique_topic
 from tests.streaming import REPO, consume, committed_total, wait_until
@@ -149,6 +152,44 @@ def test_a_database_outage_is_retried_until_every_record_is_stored(kafka_broker,
             wait_until(lambda: setup.rows() == 200, 60, "every row after the outage")
             wait_until(lambda: sink.get("/readyz")[0] == 200, 30, "readiness to come back")
             assert setup.stored_offsets() == 200
+            assert sink.terminate() == 0
+        finally:
+            setup.close()
+
+
+def test_a_database_that_stops_answering_fails_the_probes_until_it_answers_again(kafka_broker, tmp_path_factory,
+                                                                                  tmp_path):
+    """PostgreSQL frozen (SIGSTOP: its connections stay open, nothing answers, nothing fails)
+    while results arrive: the sink waits inside its transaction, so only the time since its last
+    committed transaction can tell. /readyz turns 503 after sink.ready_stall_seconds, /healthz
+    (Kubernetes restarts the pod) after sink.live_stall_seconds; once the database answers, the
+    transaction completes and both are 200 again, every record stored once."""
+    with LocalPostgres(tmp_path_factory.mktemp("postgres-frozen")) as postgres:
+        setup = SinkSetup(kafka_broker, postgres, tmp_path)
+        try:
+            setup.produce_records([result_record(f"before-{i}") for i in range(50)])
+            sink = setup.start(sink__ready_stall_seconds=3, sink__live_stall_seconds=6, sink__connect_timeout_seconds=2)
+            sink.wait_ready()
+            wait_until(lambda: setup.rows() == 50, 60, "the first 50 rows")
+            postgres.freeze()
+            try:
+                frozen = time.monotonic()
+                setup.produce_records([result_record(f"during-{i}") for i in range(50)])
+                wait_until(lambda: sink.get("/readyz")[0] == 503, 30, "readiness to fail")
+                unready = time.monotonic() - frozen
+                assert "sink.ready_stall_seconds = 3 s" in sink.get("/readyz")[1]
+                wait_until(lambda: sink.get("/healthz")[0] == 503, 30, "liveness to fail")
+                dead = time.monotonic() - frozen
+                assert "sink.live_stall_seconds = 6 s" in sink.get("/healthz")[1]
+                assert sink.metric("stream_worker_sink_stalled_seconds") > 6
+            finally:
+                postgres.thaw()
+            wait_until(lambda: setup.rows() == 100, 60, "every row once the database answers")
+            wait_until(lambda: sink.get("/readyz")[0] == 200 and sink.get("/healthz")[0] == 200, 30,
+                       "both probes to come back")
+            assert setup.stored_offsets() == 100
+            print(f"\nfrozen database: /readyz 503 {unready:.1f} s, /healthz 503 {dead:.1f} s after the freeze")
+            assert 3 - POLL_TIMEOUT_MS / 1000 <= unready < dead  # counted from the idle poll before the results came
             assert sink.terminate() == 0
         finally:
             setup.close()

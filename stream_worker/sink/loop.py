@@ -18,6 +18,11 @@ Each turn (:meth:`Sink.step`):
 
 A failed transaction (the database or the broker away) is rolled back, the consumer seeks back
 to the batch's first messages, and the sink retries with a growing pause, not ready meanwhile.
+Readiness and liveness also judge by the time since the last committed transaction while results
+wait (:class:`~stream_worker.streaming.progress.Progress`, as for the worker): a transaction that
+hangs (a database that accepts connections but no longer answers) or a broker that stops
+answering turns the sink unready after ``sink.ready_stall_seconds`` and not live after
+``sink.live_stall_seconds``, so that Kubernetes restarts what the sink cannot heal itself.
 Rows are idempotent upserts keyed by ``spectrum_id``, so even two sinks briefly writing the same
 partition during a rebalance store each record once. SIGTERM: the transaction under way
 finishes, then the sink exits 0.
@@ -41,6 +46,7 @@ from stream_worker.streaming.checkpoint import BatchOffsets, PublishError
 from stream_worker.streaming.kafka_clients import Rebalance, member_ready, partition_lag
 from stream_worker.streaming.metrics import forget_lag, show_lag
 from stream_worker.streaming.outgoing import Outgoing, dead_letter_message, send
+from stream_worker.streaming.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,8 @@ class Sink:
         self.dead_letter_topic = config.sink.dead_letter_topic or config.kafka.dead_letter_topic
         self.max_rows = config.sink.max_rows
         self.retry_max_seconds = config.sink.retry_max_seconds
+        self.ready_stall_seconds = config.sink.ready_stall_seconds
+        self.live_stall_seconds = config.sink.live_stall_seconds
         self.max_dead_letter_bytes = config.kafka.max_request_size - 65_536  # room for the dlq.* headers
         self.reader = reader
         self.store = store
@@ -74,14 +82,29 @@ class Sink:
         self.failures = 0  # consecutive failed transactions
         self.last_error: str | None = None
         self.last_lag_refresh = 0.0
+        self.lag = 0  # results behind the owned partitions' ends, as last read from the broker
+        self.progress = Progress()
         self.stopping = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
     def ready(self) -> tuple[bool, str]:
+        """/readyz: the last transaction succeeded, partitions assigned, a broker usable, and a
+        transaction committed within ``sink.ready_stall_seconds`` while results wait."""
         if self.last_error is not None:
             return False, f"storing failed: {self.last_error}"
-        return member_ready(self.assigned, self.broker_problem)
+        ok, why = member_ready(self.assigned, self.broker_problem)
+        if not ok:
+            return ok, why
+        stalled = self.progress.stalled(self.ready_stall_seconds, "sink.ready_stall_seconds")
+        return (False, stalled) if stalled else (True, "ready")
+
+    def live(self) -> tuple[bool, str]:
+        """/healthz: fails once results have waited ``sink.live_stall_seconds`` without a
+        committed transaction (a hung database call, a broker that stopped answering, failures
+        that do not end); waiting for the database at start-up does not count."""
+        stalled = self.progress.stalled(self.live_stall_seconds, "sink.live_stall_seconds")
+        return (False, stalled) if stalled else (True, "ok")
 
     def request_stop(self, *_signal_args) -> None:
         if not self.stopping.is_set():
@@ -107,6 +130,7 @@ class Sink:
         self.consumer.subscribe([self.topic], listener=Rebalance(self))
         log.info("storing %s into schema %s as group %s", self.topic, self.store.db_schema, self.store.group_id)
         self.metrics.ready.set_function(lambda: int(self.ready()[0]))
+        self.metrics.stalled.set_function(self.progress.stalled_seconds)
         try:
             while not self.stopping.is_set():
                 self.step()
@@ -147,9 +171,11 @@ class Sink:
             self.metrics.records_consumed.labels(topic=message.topic).inc()
         messages = self._resume(messages)
         fresh = [m for m in messages if m.offset >= self.stored.get(TopicPartition(m.topic, m.partition), 0)]
+        self.progress.note(self.lag + len(fresh))  # noted before storing: a transaction that hangs stalls
         if fresh:
             self._store(fresh)
         self._refresh_lag()
+        self.progress.note(self.lag)
 
     def _resume(self, messages: list) -> list:
         """Puts newly assigned partitions at the offsets stored in the database; returns the
@@ -164,6 +190,7 @@ class Sink:
             with self.lock:
                 self.to_resume |= new
             self._seek_back(_first_offsets([m for m in messages if _partition(m) in new]))
+            self.progress.failed()
             self._note_failure(exc, "reading the stored offsets")
             return [m for m in messages if _partition(m) not in new]
         moved = set()
@@ -198,6 +225,7 @@ class Sink:
                 transaction.advance(offsets.next)
         except Exception as exc:
             self._seek_back(offsets.first)
+            self.progress.failed()
             self._note_failure(exc, f"storing {len(messages)} records")
             return
         now = time.time()
@@ -209,6 +237,7 @@ class Sink:
         self.metrics.last_success.set(now)
         self.stored.update(offsets.next)
         self.failures, self.last_error = 0, None
+        self.progress.committed()
         try:
             self.consumer.commit_async(_group_offsets(offsets.next))
         except Exception as exc:  # a rebalance under way: the next batch's commit covers this one
@@ -259,16 +288,25 @@ class Sink:
             self.assigned |= set(assigned)
             self.to_resume |= set(assigned)
         self.last_lag_refresh = 0.0
+        self.progress.reassigned()  # failed work of partitions now elsewhere is their new owner's
 
     def _refresh_lag(self) -> None:
-        if time.monotonic() - self.last_lag_refresh < LAG_REFRESH_SECONDS or not self.assigned:
+        """Every ``LAG_REFRESH_SECONDS``: the owned partitions' lag, for the gauge and the stall
+        clock (a broker that does not answer leaves the last value)."""
+        if not self.assigned:
+            self.lag = 0
+            return
+        if time.monotonic() - self.last_lag_refresh < LAG_REFRESH_SECONDS:
             return
         self.last_lag_refresh = time.monotonic()
         forget_lag(self.metrics.consumer_lag, self.assigned)
         try:
-            show_lag(self.metrics.consumer_lag, partition_lag(self.consumer))
+            lag = partition_lag(self.consumer)
         except Exception as exc:
             log.warning("cannot read partition end offsets for the lag: %s: %s", type(exc).__name__, exc)
+            return
+        self.lag = sum(lag.values())
+        show_lag(self.metrics.consumer_lag, lag)
 
 
 def _partition(message) -> TopicPartition:

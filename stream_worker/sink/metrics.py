@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from stream_worker.streaming.metrics import SECONDS_BUCKETS
 
@@ -15,6 +15,7 @@ class SinkMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_start_time_seconds: StreamWorkerRestarting counts restarts
         self.records_consumed = Counter(
             "stream_worker_sink_records_consumed_total", "Result messages taken from Kafka", ["topic"], registry=r)
         self.rows_written = Counter(
@@ -38,6 +39,11 @@ class SinkMetrics:
         self.last_success = Gauge(
             "stream_worker_sink_last_successful_transaction_timestamp_seconds",
             "Unix time of the last committed transaction", registry=r)
+        self.stalled = Gauge(
+            "stream_worker_sink_stalled_seconds", "Seconds since the last committed transaction while results wait "
+            "(being stored, behind the partitions' ends, or a failed batch); 0 when none wait. /readyz and /healthz "
+            "fail past their bounds", registry=r)
         self.ready = Gauge(
-            "stream_worker_sink_ready", "1 when the sink is ready (database usable, partitions, broker)", registry=r)
+            "stream_worker_sink_ready", "1 when the sink is ready (database usable, partitions, broker, progress)",
+            registry=r)
         self.dead_letters.labels(reason="schema_mismatch")

@@ -11,7 +11,7 @@ from stream_worker.sink.metrics import SinkMetrics
 from stream_worker.sink.rows import RowReader
 from stream_worker.sink.store import ResultStore
 from stream_worker.streaming.kafka_clients import broker_probe, make_consumer, make_producer
-from stream_worker.streaming.metrics import HealthServer
+from stream_worker.streaming.metrics import HealthServer, always_live
 from stream_worker.streaming.wiring import result_serializer
 
 
@@ -25,9 +25,12 @@ def build_sink(config: Config) -> tuple[Sink, HealthServer | None]:
     def ready() -> tuple[bool, str]:
         return started[0].ready() if started else probe.connecting()
 
+    def live() -> tuple[bool, str]:
+        return started[0].live() if started else always_live()
+
     health = None
     if config.metrics.enabled:
-        health = HealthServer(metrics, ready, config.metrics.host, config.metrics.port).start()
+        health = HealthServer(metrics, ready, config.metrics.host, config.metrics.port, live).start()
     kafka = dataclasses.replace(config.kafka, group_id=config.sink.group_id)
     consumer = make_consumer(dataclasses.replace(config, kafka=kafka))
     producer = make_producer(dataclasses.replace(config, kafka=dataclasses.replace(kafka, delivery="at_least_once")))
