@@ -2,8 +2,9 @@
 
 Which form of a convolution is fastest depends on the machine: on a 2-core EPYC without AMX the
 FFT beat direct float32 sums in every residual block (2.5x in the last), while on a 2-core Xeon
-with AMX the direct sums won in the first two blocks and the FFT in the last two (BENCHMARKS.md).
-So for each convolution and
+with AMX the direct sums won in the first two blocks and the FFT in the last two, and direct
+bfloat16 in fast mode's draws; on a Xeon with AVX512-BF16 but no AMX every bfloat16 form was
+1.4-4x slower than float32 (BENCHMARKS.md). So for each convolution and
 the head, every form the precision mode allows is timed for a few passes of the engine's real
 shapes (``trunk_rows`` rows of the layer's input), and the fastest is used; the mode's rule-based
 form is kept unless another is more than :data:`MARGIN` faster, so that noise does not flip the
