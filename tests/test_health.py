@@ -241,21 +241,14 @@ def test_the_probes_answer_503_with_the_reason():
         server.stop()
 
 
-@pytest.mark.parametrize("settings", [
-    {"STREAM_WORKER__WORKER__LIVE_STALL_SECONDS": "100"},  # below ready_stall_seconds (120)
-    {"STREAM_WORKER__WORKER__COMMIT_TIMEOUT_SECONDS": "400"},
-    {"STREAM_WORKER__WORKER__PRODUCER_REBUILD_SECONDS": "300"},
+@pytest.mark.parametrize("section, setting, value", [
+    ("worker", "live_stall_seconds", 100),  # below ready_stall_seconds (120)
+    ("worker", "commit_timeout_seconds", 400),
+    ("worker", "producer_rebuild_seconds", 300),
+    ("sink", "live_stall_seconds", 100),
+    ("sink", "retry_max_seconds", 300),
+    ("sink", "connect_timeout_seconds", 600),
 ])
-def test_liveness_must_outlast_what_the_worker_waits_out_by_itself(settings):
-    with pytest.raises(ConfigError, match="^worker.live_stall_seconds: must exceed"):
-        load_config(None, settings)
-
-
-@pytest.mark.parametrize("settings", [
-    {"STREAM_WORKER__SINK__LIVE_STALL_SECONDS": "100"},  # below ready_stall_seconds (120)
-    {"STREAM_WORKER__SINK__RETRY_MAX_SECONDS": "300"},
-    {"STREAM_WORKER__SINK__CONNECT_TIMEOUT_SECONDS": "600"},
-])
-def test_liveness_must_outlast_what_the_sink_waits_out_by_itself(settings):
-    with pytest.raises(ConfigError, match="^sink.live_stall_seconds: must exceed"):
-        load_config(None, settings)
+def test_liveness_must_outlast_what_the_worker_or_sink_waits_out_by_itself(section, setting, value):
+    with pytest.raises(ConfigError, match=f"^{section}.live_stall_seconds: must exceed"):
+        load_config(None, {f"STREAM_WORKER__{section.upper()}__{setting.upper()}": str(value)})
