@@ -2,14 +2,17 @@ import numpy as np
 import pytest
 import torch
 
+from stream_worker.engine import preprocess
 from stream_worker.engine.preprocess import (
     clean_flux,
+    clip_by_selection,
     clip_level,
     errors_from_ivar,
     log_scale,
     network_inputs,
     noise_draws,
     spectrum_seed,
+    torch_rank_convention,
 )
 
 L = 8575
@@ -157,6 +160,42 @@ def test_the_clip_level_by_selection_is_torch_quantile_bit_for_bit(n):
     assert torch.equal(clip_level(x), torch.quantile(x, 0.95, dim=-1, keepdim=True))
     x[2, -1] = float("nan")
     assert torch.isnan(clip_level(x)[2]).all() and torch.isnan(torch.quantile(x, 0.95, dim=-1)[2])
+
+
+def quantile_ranked_in(rank_dtype):
+    """``torch.quantile`` of float32 values as a torch computes it whose rank q·(n−1) is taken in
+    ``rank_dtype`` (float64 from float32 q: torch 2.15; float32: torch 2.11, the GPU image's)."""
+    def quantile(x, q, dim=-1, keepdim=True):
+        n = x.shape[-1]
+        rank = rank_dtype(np.float32(q)) * rank_dtype(n - 1)
+        below = int(rank)
+        ordered = torch.sort(x, dim=-1).values
+        return torch.lerp(ordered[..., below : below + 1], ordered[..., below + 1 : below + 2],
+                          float(np.float32(rank - below)))
+    return quantile
+
+
+@pytest.mark.parametrize("rank_dtype, convention", [(np.float64, "double"), (np.float32, "float32")])
+def test_the_clip_level_follows_how_the_running_torch_ranks(rank_dtype, convention):
+    """torch 2.11 and 2.15 give quantiles that differ in the last bits (the rank in float32 or in
+    double): the engine asks the torch it runs on which, so its clip stays torch.quantile's on
+    the GPU machines' torch as on this one (tests/test_preprocess.py passes under both)."""
+    quantile = quantile_ranked_in(rank_dtype)
+    assert torch_rank_convention(quantile) == convention
+    torch.manual_seed(1)
+    x = torch.randn(64, 20 * 8575) * 3 + 5
+    assert torch.equal(clip_by_selection(x, convention), quantile(x, 0.95))
+    other = "float32" if convention == "double" else "double"
+    assert not torch.equal(clip_by_selection(x, other), quantile(x, 0.95))
+
+
+def test_under_a_torch_of_another_quantile_the_clip_level_is_torch_quantile_itself(monkeypatch):
+    assert torch_rank_convention(lambda x, q, dim, keepdim: torch.zeros(x.shape[0], 1)) is None
+    monkeypatch.setattr(preprocess, "_running_rank_convention", lambda: None)
+    x = torch.randn(3, 500)
+    x[2, 7] = float("nan")
+    assert torch.equal(clip_level(x)[:2], torch.quantile(x, 0.95, dim=-1, keepdim=True)[:2])
+    assert torch.isnan(clip_level(x)[2]).all()
 
 
 def test_a_spectrum_without_positive_ivar_falls_back_to_a_tenth_of_the_median_flux():

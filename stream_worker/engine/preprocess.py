@@ -11,11 +11,15 @@ give (tests/test_preprocess.py), so records did not change when this moved off n
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 FLUX_FLOOR = 1e-6
 """Flux is clipped at this before the log, so zeros and chip gaps stay finite."""
@@ -97,10 +101,56 @@ def errors_of(flux: torch.Tensor, ivar) -> torch.Tensor:
 def clip_level(flat: torch.Tensor) -> torch.Tensor:
     """``torch.quantile(flat, 0.95, dim=-1, keepdim=True)``, bit for bit, by selection instead of
     a full sort: the two order statistics around the rank (``topk`` of the top 5%, then the two
-    smallest of those) and torch's linear interpolation (the rank from float32 0.95 in double,
-    the weight rounded to float32). A row holding NaN gives NaN, as ``torch.quantile`` does."""
+    smallest of those) and torch's linear interpolation, with the rank computed as the running
+    torch computes it (:func:`torch_rank_convention`). A row holding NaN gives NaN, as
+    ``torch.quantile`` does. Under a torch whose quantile follows neither known convention, this
+    is ``torch.quantile`` itself: slower, never different."""
+    convention = _running_rank_convention()
+    if convention is None:
+        return torch.quantile(flat, CLIP_QUANTILE, dim=-1, keepdim=True)
+    return clip_by_selection(flat, convention)
+
+
+RANK_CONVENTIONS = ("double", "float32")
+"""How ``torch.quantile`` computes the rank q·(n−1) of float32 values: from float32 q in double
+(torch 2.15), or in float32 (torch 2.11, the GPU machines' image). The two differ in the last
+bits of the clip level for most lengths, so the engine asks the torch it runs on."""
+
+
+def torch_rank_convention(quantile=torch.quantile) -> str | None:
+    """The convention of :data:`RANK_CONVENTIONS` under which selection gives what ``quantile``
+    gives, on step functions of a few lengths where the two conventions differ; None if neither."""
+    probes = []
+    for n in (4, 7, 10):
+        probe = torch.zeros(1, n)
+        probe[:, int(_rank(n, "double")) + 1 :] = 1.0
+        probes.append(probe)
+    for convention in RANK_CONVENTIONS:
+        if all(torch.equal(clip_by_selection(probe, convention), quantile(probe, CLIP_QUANTILE, dim=-1, keepdim=True))
+               for probe in probes):
+            return convention
+    return None
+
+
+@functools.cache
+def _running_rank_convention() -> str | None:
+    convention = torch_rank_convention()
+    if convention is None:
+        log.warning("torch %s computes quantiles by neither known rank convention: the clip level uses "
+                    "torch.quantile (a full sort) to stay exact", torch.__version__)
+    return convention
+
+
+def _rank(n: int, convention: str) -> float:
+    q = np.float32(CLIP_QUANTILE)
+    return float(q * np.float32(n - 1)) if convention == "float32" else float(q) * (n - 1)
+
+
+def clip_by_selection(flat: torch.Tensor, convention: str) -> torch.Tensor:
+    """The 95% quantile of each row of ``flat`` from two order statistics, the rank computed by
+    ``convention``."""
     n = flat.shape[-1]
-    rank = float(np.float32(CLIP_QUANTILE)) * (n - 1)
+    rank = _rank(n, convention)
     below_index = int(rank)
     weight = float(np.float32(rank - below_index))
     top = torch.topk(flat, n - below_index, dim=-1, sorted=False).values
