@@ -60,10 +60,13 @@ def test_engine_share_is_later_chunks_engine_time_over_the_time_they_span():
     assert engine_share(arrivals[:2]) is None  # one chunk: nothing to compare
 
 
+GPU_BENCH_ON_CPU = ["--device", "cpu", "--network", "small", "--spectra", "16", "--rounds", "1"]
+
+
 def test_the_gpu_benchmark_runs_on_a_cpu_in_seconds_with_torch_and_numpy_only(tmp_path):
     """bench/gpu.py is the one prepared command for a GPU machine that has PyTorch and nothing
     else: it must not import kafka-python, astropy, pyyaml or prometheus-client, and it runs the
-    same way with --device cpu (engine, pipeline, agreement with the reference loop)."""
+    same way with --device cpu (engine, pipeline, profiles, agreement with the reference loop)."""
     import json
     import subprocess
     import sys
@@ -71,7 +74,7 @@ def test_the_gpu_benchmark_runs_on_a_cpu_in_seconds_with_torch_and_numpy_only(tm
     code = (
         "import sys\n"
         "from bench.gpu import main\n"
-        f"code = main(['--device', 'cpu', '--network', 'small', '--spectra', '16', '--rounds', '1', '--out', {str(tmp_path)!r}])\n"
+        f"code = main({GPU_BENCH_ON_CPU + ['--profile', '4', '--out', str(tmp_path)]!r})\n"
         "extra = [m for m in ('kafka', 'astropy', 'yaml', 'prometheus_client') if m in sys.modules]\n"
         "assert not extra, f'imported {extra}'\n"
         "sys.exit(code)\n"
@@ -80,10 +83,35 @@ def test_the_gpu_benchmark_runs_on_a_cpu_in_seconds_with_torch_and_numpy_only(tm
     report = json.loads((tmp_path / "gpu.json").read_text())
     names = [row["measurement"] for row in report["rows"]]
     assert names == ["engine alone, exact", "engine alone, fast", "in-process pipeline, exact, 20 draws",
-                     "in-process pipeline, exact, 0 draws", "exact on the device vs the reference on the CPU"]
+                     "in-process pipeline, exact, 0 draws", "profile, exact", "profile, fast",
+                     "exact on the device vs the reference on the CPU"]
     assert report["rows"][-1]["agrees"] and report["rows"][0]["plan"].startswith("exact/cpu ")
     assert all(rate > 0 for row in report["rows"][:4] for rate in row["spectra_per_s"])
-    assert "| engine alone, fast |" in (tmp_path / "gpu.md").read_text()
+    summary = (tmp_path / "gpu.md").read_text()
+    assert "| engine alone, fast |" in summary and "profile, fast: `profile-fast.txt`" in summary
+    assert "Self CPU time total" in (tmp_path / "profile-exact.txt").read_text()
+
+
+def test_a_measurement_that_fails_on_the_device_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    """The CUDA path has never run: one failing measurement must not cost the device call the rest."""
+    import json
+
+    from bench import gpu
+
+    real = gpu.engine_alone
+
+    def engine_alone(model, device, precision, *args):
+        if precision == "fast":
+            raise RuntimeError("CUDA error: no kernel image is available")
+        return real(model, device, precision, *args)
+
+    monkeypatch.setattr(gpu, "engine_alone", engine_alone)
+    assert gpu.main(GPU_BENCH_ON_CPU + ["--out", str(tmp_path)]) == 1
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    assert rows[1] == {"measurement": "engine alone, fast", "error": "RuntimeError: CUDA error: no kernel image is available",
+                       "traceback": rows[1]["traceback"]}
+    assert rows[0]["spectra_per_s"] and rows[2]["spectra_per_s"] and rows[-1]["agrees"]
+    assert "| engine alone, fast | FAILED: RuntimeError: CUDA error" in (tmp_path / "gpu.md").read_text()
 
 
 def test_the_pipelining_section_states_each_speed_against_min_of_host_and_engine():
