@@ -6,11 +6,12 @@ test_reliability.py and test_sink_kafka.py."""
 from __future__ import annotations
 
 import contextlib
+import re
 import urllib.error
 import urllib.request
 
 import pytest
-from kafka.structs import TopicPartition
+from kafka.structs import MemberState, TopicPartition
 
 from stream_worker.config import ConfigError, load_config
 from stream_worker.io.serializers import serializer
@@ -205,6 +206,23 @@ def test_a_sink_hung_in_a_transaction_turns_unready_then_not_live():
     assert live_121 == (True, "ok")
     assert live_301 == (False, "no batch committed for 301 s while 4 messages wait (sink.live_stall_seconds = 300 s)")
     assert sink.ready() == (True, "ready") and sink.live() == (True, "ok")  # it came back and committed
+
+
+def test_a_sink_whose_group_join_never_completes_fails_liveness():
+    """kafka-python 3.0.12 can lose a join: the sink then waits for partitions with no lag of its
+    own to show it stalled (its partitions went to the other replicas); Kubernetes restarts it."""
+    consumer = ResultsConsumer(4)
+    sink = sink_with(consumer, ResultStoreDouble(), Clock())
+    consumer.member_state = MemberState.REBALANCING
+    sink.step()
+    assert sink.live() == (True, "ok")
+    sink.joining_since -= 301
+    sink.step()  # still the same join
+    ok, why = sink.live()
+    assert not ok and re.fullmatch(r"group join incomplete for 30\d s \(sink.live_stall_seconds = 300 s\)", why)
+    consumer.member_state = MemberState.STABLE
+    sink.step()
+    assert sink.live() == (True, "ok")
 
 
 def test_an_idle_sink_or_one_without_partitions_is_never_stalled():

@@ -43,7 +43,7 @@ from stream_worker.sink.metrics import SinkMetrics
 from stream_worker.sink.rows import RejectedRecord, RowReader
 from stream_worker.sink.store import ResultStore, StoreError
 from stream_worker.streaming.checkpoint import BatchOffsets, PublishError
-from stream_worker.streaming.kafka_clients import Rebalance, member_ready, partition_lag
+from stream_worker.streaming.kafka_clients import Rebalance, joining, member_ready, partition_lag
 from stream_worker.streaming.metrics import forget_lag, show_lag
 from stream_worker.streaming.outgoing import Outgoing, dead_letter_message, send
 from stream_worker.streaming.progress import Progress
@@ -84,6 +84,7 @@ class Sink:
         self.last_lag_refresh = 0.0
         self.lag = 0  # results behind the owned partitions' ends, as last read from the broker
         self.progress = Progress()
+        self.joining_since: float | None = None  # when the group join under way began (None: none is)
         self.stopping = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -102,9 +103,17 @@ class Sink:
     def live(self) -> tuple[bool, str]:
         """/healthz: fails once results have waited ``sink.live_stall_seconds`` without a
         committed transaction (a hung database call, a broker that stopped answering, failures
-        that do not end); waiting for the database at start-up does not count."""
-        stalled = self.progress.stalled(self.live_stall_seconds, "sink.live_stall_seconds")
-        return (False, stalled) if stalled else (True, "ok")
+        that do not end), or a group join has lasted that long (kafka-python 3.0.12 can lose one:
+        the member then waits for partitions for good, with no lag of its own to show it
+        stalled); waiting for the database at start-up does not count."""
+        bound = self.live_stall_seconds
+        stalled = self.progress.stalled(bound, "sink.live_stall_seconds")
+        if stalled:
+            return False, stalled
+        joining_for = time.monotonic() - self.joining_since if self.joining_since is not None else 0.0
+        if joining_for > bound:
+            return False, f"group join incomplete for {joining_for:.0f} s (sink.live_stall_seconds = {bound:g} s)"
+        return True, "ok"
 
     def request_stop(self, *_signal_args) -> None:
         if not self.stopping.is_set():
@@ -166,6 +175,7 @@ class Sink:
 
     def step(self) -> None:
         polled = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=self.max_rows)
+        self._note_join()
         messages = [message for batch in polled.values() for message in batch]
         for message in messages:
             self.metrics.records_consumed.labels(topic=message.topic).inc()
@@ -289,6 +299,13 @@ class Sink:
             self.to_resume |= set(assigned)
         self.last_lag_refresh = 0.0
         self.progress.reassigned()  # failed work of partitions now elsewhere is their new owner's
+
+    def _note_join(self) -> None:
+        """The member's state after each poll tells a join under way, eager or cooperative."""
+        if not joining(self.consumer):
+            self.joining_since = None
+        elif self.joining_since is None:
+            self.joining_since = time.monotonic()
 
     def _refresh_lag(self) -> None:
         """Every ``LAG_REFRESH_SECONDS``: the owned partitions' lag, for the gauge and the stall
