@@ -174,7 +174,9 @@ def test_exactly_once_survives_sigkill_without_loss_or_duplicates(kafka_broker, 
 @REBALANCE_MODES
 def test_exactly_once_through_a_rebalance_publishes_each_result_once(kafka_broker, workers, rebalance_protocol):
     """A second transactional worker joins while the first holds batches in flight: in
-    read_committed output every spectrum appears exactly once."""
+    read_committed output every spectrum appears exactly once. More spectra arrive once the
+    second holds partitions, so that it has work of its own however long it took to start (on a
+    loaded machine the first had once drained the whole backlog before the second joined)."""
     topics = Topics().create(kafka_broker, partitions=4)
     ids = produce_spectra(kafka_broker.bootstrap, topics.input, 160, "eos-rebalance")
     settings = dict(kafka__delivery="exactly_once", batching__max_spectra=8, engine__num_draws=20,
@@ -187,7 +189,8 @@ def test_exactly_once_through_a_rebalance_publishes_each_result_once(kafka_broke
         time.sleep(0.02)
     second = workers(topics, kafka__transactional_id=f"{topics.group}-b", **settings)
     second.wait_ready()
-    out = records(consume(kafka_broker.bootstrap, topics.output, 160, timeout=120, read_committed=True, settle=3))
+    ids += produce_spectra(kafka_broker.bootstrap, topics.input, 80, "eos-rebalance-after")
+    out = records(consume(kafka_broker.bootstrap, topics.output, 240, timeout=120, read_committed=True, settle=3))
     assert sorted(r["spectrum_id"] for r in out) == sorted(ids)  # each exactly once
     assert second.metric("stream_worker_records_published_total") > 0
     assert first.terminate() == 0 and second.terminate() == 0
