@@ -46,7 +46,7 @@ from stream_worker.streaming.checkpoint import BatchOffsets, PublishError
 from stream_worker.streaming.kafka_clients import Rebalance, joining, member_ready, partition_lag
 from stream_worker.streaming.metrics import forget_lag, show_lag
 from stream_worker.streaming.outgoing import Outgoing, dead_letter_message, send
-from stream_worker.streaming.progress import Progress
+from stream_worker.streaming.progress import Progress, join_overdue
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +106,9 @@ class Sink:
         that do not end), or a group join has lasted that long (kafka-python 3.0.12 can lose one:
         the member then waits for partitions for good, with no lag of its own to show it
         stalled); waiting for the database at start-up does not count."""
-        bound = self.live_stall_seconds
-        stalled = self.progress.stalled(bound, "sink.live_stall_seconds")
-        if stalled:
-            return False, stalled
-        joining_for = time.monotonic() - self.joining_since if self.joining_since is not None else 0.0
-        if joining_for > bound:
-            return False, f"group join incomplete for {joining_for:.0f} s (sink.live_stall_seconds = {bound:g} s)"
-        return True, "ok"
+        bound, setting = self.live_stall_seconds, "sink.live_stall_seconds"
+        why = self.progress.stalled(bound, setting) or join_overdue(self.joining_since, bound, setting)
+        return (False, why) if why else (True, "ok")
 
     def request_stop(self, *_signal_args) -> None:
         if not self.stopping.is_set():

@@ -56,3 +56,14 @@ class Progress:
             return None
         what = f"{self.waiting} messages wait" if self.waiting else "a failed batch waits to be redone"
         return f"no batch committed for {stalled:.0f} s while {what} ({setting} = {bound_s:g} s)"
+
+
+def join_overdue(joining_since: float | None, bound_s: float, setting: str) -> str | None:
+    """Why a group join begun at ``joining_since`` (``time.monotonic()``; None: no join under way)
+    counts as lost once it has lasted ``bound_s`` (named by its ``setting``), or None.
+    kafka-python 3.0.12 can lose a join: the member then waits for partitions for good, with no
+    lag of its own to show it stalled."""
+    if joining_since is None:
+        return None
+    joining_for = time.monotonic() - joining_since
+    return f"group join incomplete for {joining_for:.0f} s ({setting} = {bound_s:g} s)" if joining_for > bound_s else None

@@ -42,7 +42,7 @@ from stream_worker.streaming.batch import BatchResult, Pipeline, Prepared
 from stream_worker.streaming.checkpoint import BatchOffsets, Checkpoint, ProducerUnusable
 from stream_worker.streaming.kafka_clients import Rebalance, joining, member_ready, partition_lag
 from stream_worker.streaming.metrics import Metrics, forget_lag, show_lag
-from stream_worker.streaming.progress import Progress
+from stream_worker.streaming.progress import Progress, join_overdue
 from stream_worker.streaming.replay import ReplayRange
 
 log = logging.getLogger(__name__)
@@ -153,14 +153,10 @@ class Worker:
         batch, or a group join has lasted that long (kafka-python 3.0.12 can lose one, and the
         member then never gets partitions again), so that Kubernetes restarts a worker wedged in a
         way it cannot heal itself."""
-        bound = self.config.worker.live_stall_seconds
-        stalled = self.progress.stalled(bound, "worker.live_stall_seconds")
-        if stalled:
-            return False, stalled
-        joining_for = time.monotonic() - self.joining_since
-        if self.rebalancing and joining_for > bound:
-            return False, f"group join incomplete for {joining_for:.0f} s (worker.live_stall_seconds = {bound:g} s)"
-        return True, "ok"
+        bound, setting = self.config.worker.live_stall_seconds, "worker.live_stall_seconds"
+        why = (self.progress.stalled(bound, setting)
+               or join_overdue(self.joining_since if self.rebalancing else None, bound, setting))
+        return (False, why) if why else (True, "ok")
 
     def request_stop(self, *_signal_args) -> None:
         """SIGTERM/SIGINT: stop fetching; finish, publish and commit every batch in flight (and the
