@@ -18,6 +18,7 @@ from devtools.samples import DWARF_FILE, GIANT_FILE
 from devtools.sdss_reference import reference_estimate
 from stream_worker.core.labels import APOGEENET_III
 from stream_worker.engine.estimator import Estimator
+from stream_worker.engine.host_memory import freed_memory_kept
 from stream_worker.engine.preprocess import noise_draws
 from stream_worker.engine.weights import load_model, random_model
 from stream_worker.io.apstar import read_apstar
@@ -54,31 +55,39 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--profile", default=None, help="also write torch.profiler's top operators here")
     args = parser.parse_args()
+    if args.profile and args.mode == "baseline":
+        parser.error("--profile profiles the engine; the baseline is the SDSS loop")
     model = load_model(args.weights, device="cpu") if args.weights else random_model(device="cpu", seed=0)
     flux, ivar, ids = (real_spectra if args.inputs == "real" else synthetic_spectra)(args.spectra)
-    warm = Estimator(model, num_draws=args.draws, precision="exact" if args.mode == "baseline" else args.mode,
-                     batch_size=args.batch_size)
-    warm.estimate(flux[:2], ivar[:2], ["warm-0", "warm-1"])  # first-call allocations are not throughput
-    started = time.perf_counter()
-    if args.mode == "baseline":
-        rows = [reference_estimate(model, flux[i], ivar[i], noise_draws(ids[i], 0, args.draws, flux.shape[1]))
-                for i in range(len(ids))]
-        for row in rows:  # the calibrated errors as the pipeline's noise model gives them
-            row.update({f"e_{name}": APOGEENET_III.calibrate(row[f"raw_e_{name}"], name) for name in ("teff", "logg", "fe_h")})
+    if args.mode == "baseline":  # no Estimator here: it would change this process's malloc settings
+        def estimate(flux, ivar, ids) -> list[dict]:
+            rows = [reference_estimate(model, flux[i], ivar[i], noise_draws(ids[i], 0, args.draws, flux.shape[1]))
+                    for i in range(len(ids))]
+            for row in rows:  # the calibrated errors as the pipeline's noise model gives them
+                row.update({f"e_{name}": APOGEENET_III.calibrate(row[f"raw_e_{name}"], name)
+                            for name in ("teff", "logg", "fe_h")})
+            return rows
     else:
-        rows = [estimate.science() for estimate in warm.estimate(flux, ivar, ids)]
+        engine = Estimator(model, num_draws=args.draws, precision=args.mode, batch_size=args.batch_size)
+
+        def estimate(flux, ivar, ids) -> list[dict]:
+            return [result.science() for result in engine.estimate(flux, ivar, ids)]
+    estimate(flux[:2], ivar[:2], ["warm-0", "warm-1"])  # first-call allocations are not throughput
+    started = time.perf_counter()
+    rows = estimate(flux, ivar, ids)
     seconds = time.perf_counter() - started
     if args.profile:
         with torch.profiler.profile() as profiler:
-            warm.estimate(flux[:6], ivar[:6], ids[:6])
+            engine.estimate(flux[:6], ivar[:6], ids[:6])
         table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=36)
         open(args.profile, "w").write(table)
     np.savez(args.out, **{name: np.array([row[name] for row in rows], dtype=float) for name in OUTPUTS})
     print(json.dumps({
         "mode": args.mode, "spectra": len(ids), "seconds": seconds, "spectra_per_s": len(ids) / seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "threads": torch.get_num_threads(), "batch_size": warm.batch_size,
-        "plan": "the SDSS loop" if args.mode == "baseline" else warm.plan.label,
+        "threads": torch.get_num_threads(), "batch_size": None if args.mode == "baseline" else engine.batch_size,
+        "plan": "the SDSS loop" if args.mode == "baseline" else engine.plan.label,
+        "freed_memory_kept": freed_memory_kept(),
     }))
 
 

@@ -180,6 +180,12 @@ def report(described, rounds, exact_vs_baseline, costs, e2e, profiles) -> str:
     for mode in ("exact", "fast"):
         plans = [r[mode].get("plan", "?") for r in rounds]
         lines += [f"- {mode}: " + "; ".join(f"round {i + 1}: `{plan}`" for i, plan in enumerate(plans))]
+    kept = {mode: {r[mode].get("freed_memory_kept") for r in rounds} for mode in rounds[0]}
+    words = {True: "yes", False: "no", None: "not reported"}
+    lines += ["", "Freed memory kept for reuse (`stream_worker/engine/host_memory.py`; the baseline runs with the "
+              "C library's defaults, as SDSS runs it): "
+              + ", ".join(f"{mode} {'/'.join(words[v] for v in sorted(values, key=str))}" for mode, values in kept.items())
+              + "."]
     lines += [
         "",
         "Exact mode against the baseline on the same spectra and noise, largest relative difference of any "

@@ -34,8 +34,10 @@ def test_max_relative_difference(tmp_path):
 def test_report_states_the_ratio_to_the_baseline_measured_in_the_same_run():
     """Medians over interleaved rounds, and the ratio of each round to its own baseline: with the
     machine twice as fast in the second round, the ratios stay 2 and 4."""
-    rounds = [{mode: {"spectra": 12, "spectra_per_s": speed * rate, "peak_rss_mib": 1000.0 + speed, "plan": f"p{speed}"}
+    rounds = [{mode: {"spectra": 12, "spectra_per_s": speed * rate, "peak_rss_mib": 1000.0 + speed, "plan": f"p{speed}",
+                      "freed_memory_kept": mode != "baseline"}
                for mode, rate in (("baseline", 2.0), ("exact", 4.0), ("fast", 8.0))} for speed in (1, 2, 1.5)]
+    rounds[2]["fast"]["freed_memory_kept"] = False  # say an operator's MALLOC_* setting won in one round
     e2e = {"exact": {"engine_alone_per_s": 4.0, "backlog": {"spectra_per_s": 3.8, "engine_share": 0.987},
                      "paced": {"latency_p50_s": 10.0, "latency_p99_s": 20.0},
                      "io_path": {"spectra_per_s": 1200.0}, "io_pipeline_alone_per_s": 3000.0}}
@@ -49,6 +51,7 @@ def test_report_states_the_ratio_to_the_baseline_measured_in_the_same_run():
     assert "| exact | 4.00 | 3.80 | 95% | 99% | 10.0 | 20.0 | 1200 | 3000 |" in text
     assert "test machine" in text and "random: 1.0e-07; trained: 2.0e-06" in text
     assert "- fast: round 1: `p1`; round 2: `p2`; round 3: `p1.5`" in text
+    assert "as SDSS runs it): baseline no, exact yes, fast no/yes." in text
 
 
 def test_engine_share_is_later_chunks_engine_time_over_the_time_they_span():
@@ -199,3 +202,19 @@ def test_the_failover_stall_is_the_longest_gap_in_results_from_the_kill_on():
     assert "| exactly_once | coordinator | 23.4–43.3 |" in text
     assert "| exactly_once, worker.commit_timeout_seconds 60 | coordinator | 65.6 |" in text
     assert "| exactly_once | coordinator (node 2, transaction coordinator) | 400 | 400 | 0 | 0 | 0 | 23.4 | always 200 |" in text
+
+
+def test_the_baseline_runs_with_the_c_librarys_malloc_and_the_engine_with_its_own_settings(tmp_path):
+    """The reference loop is timed as SDSS runs it: the engine's malloc thresholds, which also
+    speed that loop up, must not leak into the baseline's process."""
+    import json
+    import subprocess
+    import sys
+
+    kept = {}
+    for mode in ("baseline", "exact"):
+        out = subprocess.run([sys.executable, "-m", "bench.engine", "--mode", mode, "--spectra", "2", "--draws", "2",
+                              "--weights", "stream_worker/models/apogeenet-demo.pt", "--out", str(tmp_path / f"{mode}.npz")],
+                             cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True)
+        kept[mode] = json.loads(out.stdout.strip().splitlines()[-1])["freed_memory_kept"]
+    assert kept == {"baseline": False, "exact": True}
