@@ -177,3 +177,16 @@ def test_a_block_of_two_bfloat16_convolutions_keeps_its_middle_activation_in_bfl
         fused, expected = block(x), exact(x)
     assert fused.dtype == torch.float32 and torch.equal(fused, separate)
     assert ((fused - expected).norm() / expected.norm()).item() < 0.01
+
+
+@pytest.mark.parametrize("length, pooled", [(4288, 1024), (4289, 1024), (37, 16), (16, 16)])
+def test_channels_last_pooling_gives_the_bits_of_the_modules_pooling(length, pooled):
+    """The fused trunk pools channels-last rows (vectorised over channels, ~9x faster); it must
+    sum and divide exactly as the module's AdaptiveAvgPool1d on contiguous rows, signed zeros too."""
+    torch.manual_seed(4)
+    x = torch.randn(5, 64, 1, length)
+    x[0, 0, 0, :12] = -0.0
+    expected = torch.nn.AdaptiveAvgPool1d(pooled)(x.squeeze(2))
+    pooled_rows = torch.nn.functional.adaptive_avg_pool2d(x.contiguous(memory_format=torch.channels_last), (1, pooled))
+    assert torch.equal(pooled_rows.squeeze(2), expected)
+    assert torch.equal(torch.signbit(pooled_rows.squeeze(2)), torch.signbit(expected))

@@ -149,7 +149,7 @@ class FusedApogeeNet(nn.Module):
         self.res_blocks = nn.ModuleList(
             FusedResBlock(block, form.convs[2 * i : 2 * i + 2]) for i, block in enumerate(model.res_blocks)
         )
-        self.adapt_pool = model.adapt_pool
+        self.pooled_length = model.sizes.pooled_length
         self.linear_sequential = model.linear_sequential  # shared with the module, not copied
         if form.head == "bf16":
             first, *rest = model.linear_sequential
@@ -173,11 +173,16 @@ class FusedApogeeNet(nn.Module):
         return out.permute(0, 3, 1, 2)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The convolutional trunk: ``(B, 1, L)`` → pooled features ``(B, C * pooled_length)``."""
+        """The convolutional trunk: ``(B, 1, L)`` → pooled features ``(B, C * pooled_length)``.
+        The adaptive pooling runs on channels-last rows: torch's kernel for that layout sums the
+        same samples in the same order (the same bits) vectorised across channels, ~9x faster
+        than its one-plane-at-a-time kernel for the FFT convolutions' contiguous output (0.55
+        against 5.2 ms for 16 rows of APOGEENet III), which more than pays for the conversion."""
         out = pairwise_max(F.elu(self.first_conv(self._with_position(x)), inplace=True))
         for block in self.res_blocks:
             out = block(out)
-        return torch.flatten(self.adapt_pool(out.squeeze(2)), 1)
+        pooled = F.adaptive_avg_pool2d(out.contiguous(memory_format=torch.channels_last), (1, self.pooled_length))
+        return torch.flatten(pooled, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Every row passes through the same tensor shapes whatever its companions: the trunk takes
