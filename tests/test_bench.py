@@ -218,3 +218,17 @@ def test_the_baseline_runs_with_the_c_librarys_malloc_and_the_engine_with_its_ow
                              cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True)
         kept[mode] = json.loads(out.stdout.strip().splitlines()[-1])["freed_memory_kept"]
     assert kept == {"baseline": False, "exact": True}
+
+
+def test_the_before_and_after_table_puts_each_round_against_its_own_baseline():
+    from bench.compare import table
+
+    def run(rate: float) -> dict:
+        return {"spectra_per_s": rate, "plan": "p"}
+
+    rounds = [{"baseline": run(2.0), "exact": {"before": run(6.0), "after": run(7.5)}},
+              {"baseline": run(3.0), "exact": {"before": run(9.0), "after": run(9.9)}}]
+    text = table(rounds, ("exact",))
+    assert "| 1 | 2.00 | 6.00 | 7.50 | 3.75 |" in text
+    assert "| 2 | 3.00 | 9.00 | 9.90 | 3.30 |" in text
+    assert "exact: after against before +10% to +25%" in text
