@@ -6,7 +6,8 @@ Monte Carlo draws on the full-size network (random weights; speed does not depen
 
 1. the engine alone in exact and fast mode: spectra/s, peak GPU memory, the plan it chose;
 2. the in-process pipeline (decode → validate → device preprocessing → network → records →
-   JSON, no Kafka): spectra/s, and the host CPU per spectrum at 20 draws and at 0 draws;
+   JSON, no Kafka), in the worker's batches with the engine on a thread of its own, as the
+   worker overlaps it: spectra/s, and the host CPU per spectrum at 20 draws and at 0 draws;
 3. agreement: exact-mode records on the device against the SDSS reference loop on the CPU, on
    the same inputs and the same noise: the parameters to 1e-5 relative; the raw uncertainties,
    spreads of 20 nearly equal numbers whose rounding the convolution algorithm changes, to 1e-4
@@ -29,6 +30,7 @@ import platform
 import resource
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -80,22 +82,43 @@ def engine_alone(model, device, precision: str, flux, ivar, ids, rounds: int) ->
     }
 
 
-def pipeline(model, device, draws: int, messages: list[bytes], rounds: int) -> dict:
-    """The worker's per-message work without Kafka: the same modules the stream runs."""
-    engine = Estimator(model, num_draws=draws, seed=0, device=device)
-    provenance, encode = engine.provenance, serializer("json").encode
+def pipeline(model, device, draws: int, messages: list[bytes], rounds: int, batch_spectra: int) -> dict:
+    """The worker's per-message work without Kafka, overlapped as the worker overlaps it (its
+    module, ``stream_worker.streaming.worker``, needs kafka-python, which the device lacks): the
+    messages go in batches of ``batch_spectra`` (the worker's ``batching.max_spectra``); the engine,
+    built and run on one thread of its own, infers batch k while the main thread decodes and
+    validates batch k+1 and builds and encodes batch k-1's records."""
+    with ThreadPoolExecutor(1, thread_name_prefix="engine") as engine_thread:
+        engine = engine_thread.submit(Estimator, model, num_draws=draws, seed=0, device=device).result()
+        provenance, encode = engine.provenance, serializer("json").encode
 
-    def run(values: list[bytes]) -> list[bytes]:
-        spectra = [validate_spectrum(decode_input(value)) for value in values]
-        estimates = engine.estimate(np.stack([s.flux for s in spectra]), [s.ivar for s in spectra],
-                                    [s.spectrum_id for s in spectra])
-        return [encode(build_record(s, e, provenance, KafkaSource("in", 0, i, 0)))
-                for i, (s, e) in enumerate(zip(spectra, estimates))]
+        def infer(spectra: list[Spectrum]):
+            return engine.estimate(np.stack([s.flux for s in spectra]), [s.ivar for s in spectra],
+                                   [s.spectrum_id for s in spectra])
 
-    run(messages[:8])
-    results = [timed(lambda: run(messages), device) for _ in range(rounds)]
+        def finish(first: int, spectra: list[Spectrum], job) -> list[bytes]:
+            return [encode(build_record(s, e, provenance, KafkaSource("in", 0, first + i, 0)))
+                    for i, (s, e) in enumerate(zip(spectra, job.result()))]
+
+        def run(values: list[bytes]) -> list[bytes]:
+            published: list[bytes] = []
+            in_engine = None
+            for first in range(0, len(values), batch_spectra):
+                spectra = [validate_spectrum(decode_input(v)) for v in values[first : first + batch_spectra]]
+                job = engine_thread.submit(infer, spectra)
+                if in_engine:
+                    published += finish(*in_engine)
+                in_engine = (first, spectra, job)
+            return published + finish(*in_engine) if in_engine else published
+
+        run(messages[:8])
+        results = [timed(lambda: run(messages), device) for _ in range(rounds)]
+        published = [json.loads(value)["spectrum_id"] for value in run(messages)]
+        if published != [decode_input(value).spectrum_id for value in messages]:
+            raise RuntimeError("the pipeline did not give one record per message in input order")
     return {
-        "measurement": f"in-process pipeline, exact, {draws} draws", "spectra": len(messages), "draws": draws,
+        "measurement": f"in-process pipeline, exact, {draws} draws, batches of {batch_spectra}",
+        "spectra": len(messages), "draws": draws,
         "spectra_per_s": [round(len(messages) / wall, 1) for wall, _ in results],
         "host_cpu_ms_per_spectrum": [round(1000 * cpu / len(messages), 3) for _, cpu in results],
     }
@@ -142,10 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spectra", type=int, default=2048, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--agreement-spectra", type=int, default=4)
+    parser.add_argument("--batch-spectra", default="64,512",
+                        help="the in-process pipeline's batch sizes, comma-separated: the first is the worker's "
+                             "default batching.max_spectra, and the one the 0-draws run uses")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also profile one engine call of N spectra in each mode")
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args(argv)
+    batch_sizes = [int(size) for size in args.batch_spectra.split(",")]
     device = resolve_device(args.device)
     model = random_model(device=device, seed=0, **NETWORKS[args.network])
     flux, ivar = synthetic_spectra(64, seed=1)
@@ -158,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     measurements = [
         ("engine alone, exact", lambda: engine_alone(model, device, "exact", flux, ivar, ids, args.rounds)),
         ("engine alone, fast", lambda: engine_alone(model, device, "fast", flux, ivar, ids, args.rounds)),
-        ("in-process pipeline, exact, 20 draws", lambda: pipeline(model, device, 20, messages, args.rounds)),
-        ("in-process pipeline, exact, 0 draws", lambda: pipeline(model, device, 0, messages, args.rounds)),
+        *[(f"in-process pipeline, exact, {draws} draws, batches of {size}",
+           lambda draws=draws, size=size: pipeline(model, device, draws, messages, args.rounds, size))
+          for draws, size in [(20, size) for size in batch_sizes] + [(0, batch_sizes[0])]],
         *[(f"profile, {mode}", lambda mode=mode: profile(model, device, mode, flux[:p], ivar[:p], ids[:p], args.out))
           for mode in ("exact", "fast") if p],
         ("exact on the device vs the reference on the CPU",

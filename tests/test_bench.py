@@ -63,7 +63,7 @@ def test_engine_share_is_later_chunks_engine_time_over_the_time_they_span():
     assert engine_share(arrivals[:2]) is None  # one chunk: nothing to compare
 
 
-GPU_BENCH_ON_CPU = ["--device", "cpu", "--network", "small", "--spectra", "16", "--rounds", "1"]
+GPU_BENCH_ON_CPU = ["--device", "cpu", "--network", "small", "--spectra", "16", "--rounds", "1", "--batch-spectra", "4,16"]
 
 
 def test_the_gpu_benchmark_runs_on_a_cpu_in_seconds_with_torch_and_numpy_only(tmp_path):
@@ -85,11 +85,11 @@ def test_the_gpu_benchmark_runs_on_a_cpu_in_seconds_with_torch_and_numpy_only(tm
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     report = json.loads((tmp_path / "gpu.json").read_text())
     names = [row["measurement"] for row in report["rows"]]
-    assert names == ["engine alone, exact", "engine alone, fast", "in-process pipeline, exact, 20 draws",
-                     "in-process pipeline, exact, 0 draws", "profile, exact", "profile, fast",
-                     "exact on the device vs the reference on the CPU"]
+    assert names == ["engine alone, exact", "engine alone, fast", "in-process pipeline, exact, 20 draws, batches of 4",
+                     "in-process pipeline, exact, 20 draws, batches of 16", "in-process pipeline, exact, 0 draws, batches of 4",
+                     "profile, exact", "profile, fast", "exact on the device vs the reference on the CPU"]
     assert report["rows"][-1]["agrees"] and report["rows"][0]["plan"].startswith("exact/cpu ")
-    assert all(rate > 0 for row in report["rows"][:4] for rate in row["spectra_per_s"])
+    assert all(rate > 0 for row in report["rows"][:5] for rate in row["spectra_per_s"])
     summary = (tmp_path / "gpu.md").read_text()
     assert "| engine alone, fast |" in summary and "profile, fast: `profile-fast.txt`" in summary
     assert "Self CPU time total" in (tmp_path / "profile-exact.txt").read_text()
