@@ -39,7 +39,7 @@ def publish_apstar(bootstrap: str, topic: str, files: list[Path], worker_dir: st
             producer.send(topic, key=spectrum.spectrum_id.encode(), value=encode_inline(spectrum),
                           headers=[("content-type", CONTENT_TYPE.encode())])
             ids.append(spectrum.spectrum_id)
-        reference_id = f"{path.stem}:coadd(by reference)"
+        reference_id = _by_reference_id(path)
         reference = f"{worker_dir}/{path.name}" if worker_dir else str(path.resolve())
         producer.send(topic, key=reference_id.encode(), value=encode_reference(reference, "coadd", reference_id))
         ids.append(reference_id)
@@ -47,6 +47,11 @@ def publish_apstar(bootstrap: str, topic: str, files: list[Path], worker_dir: st
     producer.flush()
     producer.close()
     return ids
+
+
+def _by_reference_id(path: Path) -> str:
+    """The spectrum id under which the quickstart sends ``path``'s coadd by file reference."""
+    return f"{path.stem}:coadd(by reference)"
 
 
 def _collect(bootstrap: str, topic: str, count: int, timeout: float) -> list:
@@ -74,7 +79,7 @@ def _by_reference_mismatches(results: list[dict], files: list[Path]) -> list[str
     by_id = {record["spectrum_id"]: record for record in results}
     mismatched = []
     for path in files:
-        inline, by_reference = by_id.get(f"{path.stem}:coadd"), by_id.get(f"{path.stem}:coadd(by reference)")
+        inline, by_reference = by_id.get(f"{path.stem}:coadd"), by_id.get(_by_reference_id(path))
         if inline is None or by_reference is None:
             continue
         same = all(inline[name] == by_reference[name] for name in ("teff", "logg", "fe_h"))

@@ -414,7 +414,7 @@ def test_kernels_are_measured_for_a_head_without_hidden_layers(spectra):
 
 
 PAGE_FAULTS = """
-import resource, sys
+import resource
 from stream_worker.engine.estimator import Estimator
 from stream_worker.engine.host_memory import keep_freed_memory
 from stream_worker.engine.weights import random_model
